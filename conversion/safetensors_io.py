@@ -1,0 +1,149 @@
+"""Read and write diffusers/transformers weight folders: one `*.safetensors` file or shards + `*.index.json`.
+
+Tensors are read one at a time through `safe_open` (memory-mapped), in their stored dtype (bf16 via
+ml_dtypes), so a caller can cast and place each weight before touching the next: a bf16 checkpoint is never
+materialised as a full fp32 copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match what its config implies. The message names every offending key and file."""
+
+
+@dataclass
+class Checkpoint:
+    """A lazily read weight folder: `key -> file`, and `shape`/`dtype`/`load` per key."""
+
+    folder: str
+    files: dict[str, str]  # key -> absolute path of the file that holds it
+    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def _handle(self, path: str):
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="np")
+        return self._handles[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.files[key]).get_slice(key).get_shape())
+
+    def load(self, key: str) -> np.ndarray:
+        return self._handle(self.files[key]).get_tensor(key)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for key in self.files:
+            yield key, self.load(key)
+
+
+def _weight_files(folder: str) -> tuple[list[str], str | None]:
+    names = sorted(os.listdir(folder))
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(indexes) > 1:
+        raise ConversionError(f"{folder}: several shard indexes, cannot choose: {indexes}")
+    if indexes:
+        return [], os.path.join(folder, indexes[0])
+    files = [n for n in names if n.endswith(".safetensors")]
+    if not files:
+        raise ConversionError(f"{folder}: no *.safetensors weights and no *.safetensors.index.json")
+    if len(files) > 1:
+        raise ConversionError(f"{folder}: several *.safetensors files and no index to say which to use: {files}")
+    return [os.path.join(folder, files[0])], None
+
+
+def open_checkpoint(folder: str) -> Checkpoint:
+    """Index every tensor in a weight folder. Raises ConversionError naming duplicates and missing shards."""
+    if not os.path.isdir(folder):
+        raise ConversionError(f"{folder}: not a directory")
+    single, index_path = _weight_files(folder)
+    files: dict[str, str] = {}
+    problems: list[str] = []
+    if index_path is not None:
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ConversionError(f"{index_path}: unreadable shard index ({e})") from e
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise ConversionError(f"{index_path}: names shard file(s) that do not exist: {missing}")
+        paths = [os.path.join(folder, s) for s in shards]
+    else:
+        weight_map = None
+        paths = single
+    for path in paths:
+        with safe_open(path, framework="np") as f:
+            for key in f.keys():
+                if key in files:
+                    problems.append(f"duplicate key {key!r} in {files[key]} and {path}")
+                    continue
+                files[key] = path
+    if weight_map is not None:
+        for key, shard in weight_map.items():
+            where = files.get(key)
+            if where is None:
+                problems.append(f"key {key!r} listed in {index_path} is not in {shard}")
+            elif os.path.basename(where) != shard:
+                problems.append(f"key {key!r} listed in {index_path} under {shard} but found in {where}")
+        problems += [f"key {k!r} in {p} is not listed in {index_path}" for k, p in files.items() if k not in weight_map]
+    if problems:
+        raise ConversionError(f"{folder}: inconsistent checkpoint:\n  " + "\n  ".join(problems))
+    return Checkpoint(folder=folder, files=files)
+
+
+def save_checkpoint(
+    tensors: Mapping[str, np.ndarray],
+    folder: str,
+    *,
+    name: str = "diffusion_pytorch_model",
+    max_shard_bytes: int | None = 10 * 2**30,
+) -> list[str]:
+    """Write tensors as `{name}.safetensors`, or as shards + `{name}.safetensors.index.json` above the limit.
+
+    Files are written under a temporary name and renamed, so a crash never leaves a half-written file that
+    looks complete. Returns the written file paths.
+    """
+    os.makedirs(folder, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        nbytes = value.nbytes
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = np.ascontiguousarray(value)
+        size += nbytes
+    if len(shards) == 1:
+        names = [f"{name}.safetensors"]
+    else:
+        names = [f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written = []
+    for shard, fname in zip(shards, names, strict=True):
+        path = os.path.join(folder, fname)
+        save_file(shard, path + ".tmp", metadata={"format": "pt"})
+        os.replace(path + ".tmp", path)
+        written.append(path)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))},
+            "weight_map": {k: fname for shard, fname in zip(shards, names, strict=True) for k in shard},
+        }
+        path = os.path.join(folder, f"{name}.safetensors.index.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+        written.append(path)
+    return written

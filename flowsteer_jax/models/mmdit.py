@@ -1,0 +1,289 @@
+"""SD3's MMDiT (diffusers `SD3Transformer2DModel`) as Flax NNX modules.
+
+Module and attribute names mirror diffusers so `conversion/sd3_transformer.py` is a table. Tensors are
+channels-last: `MMDiT(x_nhwc, timestep, encoder_hidden_states, pooled_projections) -> v_nhwc`, with
+`timestep = sigma * 1000` and the velocity sign of diffusers (`v ~ eps - x0`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conversion.sd3_transformer import normalize_config
+from flowsteer_jax.models.attention import Attention
+from flowsteer_jax.models.layers import AdaLayerNorm, Buffer, FeedForward, layer_norm, linear, modulate
+
+# Names accepted by `remat_policy`: what each block keeps for the backward pass (None: no remat).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MMDiTConfig:
+    """The fields of diffusers' SD3Transformer2DModel config.json, with its defaults."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    out_channels: int = 16
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+
+    def __post_init__(self):
+        normalize_config(dataclasses.asdict(self), "MMDiTConfig")  # same validation as the converter
+
+    @classmethod
+    def from_diffusers(cls, raw: Mapping[str, Any], source: str = "config") -> MMDiTConfig:
+        return cls(**normalize_config(raw, source))
+
+    def to_diffusers(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["dual_attention_layers"] = list(self.dual_attention_layers)
+        return {"_class_name": "SD3Transformer2DModel", **out}
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def sincos_pos_embed(dim: int, grid: int, base_size: int) -> np.ndarray:
+    """diffusers `get_2d_sincos_pos_embed(dim, grid, base_size=...)` -> (1, grid*grid, dim) float32."""
+    coords = np.arange(grid, dtype=np.float32) / np.float32(grid / base_size)
+    w, h = np.meshgrid(coords, coords, indexing="xy")  # diffusers feeds the w grid to the first half
+
+    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(dim // 2, w), one_d(dim // 2, h)], axis=1).astype(np.float32)[None]
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
+    """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`, in float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class PatchEmbed(nnx.Module):
+    """Patchify conv + the centre crop of SD3's `pos_embed_max_size` positional table."""
+
+    def __init__(self, cfg: MMDiTConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        p, d = cfg.patch_size, cfg.inner_dim
+        self.patch_size, self.max_size = p, cfg.pos_embed_max_size
+        self.proj = nnx.Conv(
+            cfg.in_channels,
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            kernel_metadata={"logical_axes": (None, None, None, "embed")},
+            bias_metadata={"logical_axes": ("embed",)},
+        )
+        table = sincos_pos_embed(d, cfg.pos_embed_max_size, cfg.sample_size // p)
+        self.pos_embed = Buffer(jnp.asarray(table, param_dtype), logical_axes=(None, None, "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w = x.shape[0], x.shape[1] // self.patch_size, x.shape[2] // self.patch_size
+        if h > self.max_size or w > self.max_size:
+            raise ValueError(
+                f"latent of {x.shape[1]}x{x.shape[2]} is {h}x{w} patches, more than pos_embed_max_size="
+                f"{self.max_size} allows"
+            )
+        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
+        pos = self.pos_embed[...].reshape(self.max_size, self.max_size, -1)[top : top + h, left : left + w]
+        tokens = self.proj(x).reshape(b, h * w, -1)
+        return (tokens + pos.reshape(1, h * w, -1)).astype(tokens.dtype)
+
+
+class _TwoLayer(nnx.Module):
+    """`linear_1 -> silu -> linear_2` (diffusers TimestepEmbedding / PixArtAlphaTextProjection with silu)."""
+
+    def __init__(self, n_in: int, dim: int, **kw):
+        self.linear_1 = linear(n_in, dim, (None, "embed"), **kw)
+        self.linear_2 = linear(dim, dim, ("embed", None), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nnx.Module):
+    """diffusers `CombinedTimestepTextProjEmbeddings`."""
+
+    def __init__(self, dim: int, pooled_dim: int, **kw):
+        self.timestep_embedder = _TwoLayer(256, dim, **kw)
+        self.text_embedder = _TwoLayer(pooled_dim, dim, **kw)
+
+    def __call__(self, timestep: jax.Array, pooled: jax.Array) -> jax.Array:
+        t = self.timestep_embedder(timestep_embedding(timestep).astype(pooled.dtype))
+        return t + self.text_embedder(pooled)
+
+
+class JointTransformerBlock(nnx.Module):
+    """diffusers `JointTransformerBlock`: adaLN-Zero modulated joint attention + FFN on both streams.
+
+    `context_pre_only` (SD3's last block) updates only the image stream; `use_dual_attention` (MMDiT-X,
+    SD3.5-Medium) adds a second, image-only self-attention `attn2` with its own 3 modulation chunks.
+    """
+
+    def __init__(
+        self,
+        cfg: MMDiTConfig,
+        *,
+        context_pre_only: bool,
+        use_dual_attention: bool,
+        implementation: str | None,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+    ):
+        d = cfg.inner_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        attn_kw = dict(qk_norm=cfg.qk_norm, implementation=implementation, **kw)
+        heads, hd = cfg.num_attention_heads, cfg.attention_head_dim
+        self.context_pre_only, self.use_dual_attention = context_pre_only, use_dual_attention
+        self.norm1 = AdaLayerNorm(d, 9 if use_dual_attention else 6, **kw)
+        self.norm1_context = AdaLayerNorm(d, 2 if context_pre_only else 6, **kw)
+        self.attn = Attention(d, heads, hd, joint=True, context_out=not context_pre_only, **attn_kw)
+        self.attn2 = Attention(d, heads, hd, joint=False, **attn_kw) if use_dual_attention else None
+        self.ff = FeedForward(d, **kw)
+        self.ff_context = None if context_pre_only else FeedForward(d, **kw)
+
+    def __call__(self, x: jax.Array, ctx: jax.Array, temb: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        mods = self.norm1(temb)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        normed = layer_norm(x)
+        if self.context_pre_only:
+            scale_c, shift_c = self.norm1_context(temb)  # AdaLayerNormContinuous: scale first
+            ctx_normed = modulate(layer_norm(ctx), shift_c, scale_c)
+        else:
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+            ctx_normed = modulate(layer_norm(ctx), c_shift_msa, c_scale_msa)
+
+        attn_out, ctx_attn_out = self.attn(modulate(normed, shift_msa, scale_msa), ctx_normed)
+        x = x + gate_msa[:, None] * attn_out
+        if self.use_dual_attention:
+            shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+            attn2_out, _ = self.attn2(modulate(normed, shift_msa2, scale_msa2))
+            x = x + gate_msa2[:, None] * attn2_out
+        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
+
+        if self.context_pre_only:
+            return x, None
+        ctx = ctx + c_gate_msa[:, None] * ctx_attn_out
+        ctx = ctx + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(ctx), c_shift_mlp, c_scale_mlp))
+        return x, ctx
+
+
+class MMDiT(nnx.Module):
+    """SD3 / SD3.5 MMDiT. `implementation` picks the attention kernel, `remat_policy` the per-block remat."""
+
+    def __init__(
+        self,
+        cfg: MMDiTConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype | None = None,
+        implementation: str | None = None,
+        remat_policy: str | None = None,
+    ):
+        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {remat_policy!r} not in {[None, *REMAT_POLICIES]}")
+        param_dtype = dtype if param_dtype is None else param_dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        d = cfg.inner_dim
+        self.config, self.dtype, self.remat_policy = cfg, dtype, remat_policy
+        self.pos_embed = PatchEmbed(cfg, **kw)
+        self.time_text_embed = TimeTextEmbed(d, cfg.pooled_projection_dim, **kw)
+        self.context_embedder = linear(cfg.joint_attention_dim, d, (None, "embed"), **kw)
+        self.transformer_blocks = nnx.List(
+            [
+                JointTransformerBlock(
+                    cfg,
+                    context_pre_only=i == cfg.num_layers - 1,
+                    use_dual_attention=i in cfg.dual_attention_layers,
+                    implementation=implementation,
+                    **kw,
+                )
+                for i in range(cfg.num_layers)
+            ]
+        )
+        self.norm_out = AdaLayerNorm(d, 2, **kw)
+        p = cfg.patch_size
+        self.proj_out = linear(d, p * p * cfg.out_channels, ("embed", None), **kw)
+
+    def _run_block(self, block: JointTransformerBlock, x, ctx, temb):
+        if self.remat_policy is None:
+            return block(x, ctx, temb)
+        call = nnx.remat(lambda blk, *args: blk(*args), policy=REMAT_POLICIES[self.remat_policy])
+        return call(block, x, ctx, temb)
+
+    def _embed(self, x, timestep, encoder_hidden_states, pooled_projections):
+        x = x.astype(self.dtype)
+        pooled = pooled_projections.astype(self.dtype)
+        timestep = jnp.broadcast_to(jnp.asarray(timestep), (x.shape[0],))
+        return (
+            self.pos_embed(x),
+            self.context_embedder(encoder_hidden_states.astype(self.dtype)),
+            self.time_text_embed(timestep, pooled),
+        )
+
+    def block_features(
+        self,
+        x: jax.Array,
+        timestep: jax.Array,
+        encoder_hidden_states: jax.Array,
+        pooled_projections: jax.Array,
+        num_blocks: int,
+    ) -> list[tuple[jax.Array, jax.Array | None]]:
+        """(image tokens, context tokens) after each of the first `num_blocks` blocks; the rest never runs."""
+        if not 1 <= num_blocks <= len(self.transformer_blocks):
+            raise ValueError(f"num_blocks={num_blocks} must be in [1, {len(self.transformer_blocks)}]")
+        h, ctx, temb = self._embed(x, timestep, encoder_hidden_states, pooled_projections)
+        out = []
+        for block in self.transformer_blocks[:num_blocks]:
+            h, ctx = self._run_block(block, h, ctx, temb)
+            out.append((h, ctx))
+        return out
+
+    def __call__(
+        self,
+        x: jax.Array,
+        timestep: jax.Array,
+        encoder_hidden_states: jax.Array,
+        pooled_projections: jax.Array,
+    ) -> jax.Array:
+        """x: (B, H, W, C) latents; timestep: () or (B,) in [0, 1000]; returns the (B, H, W, C_out) velocity."""
+        b, height, width, _ = x.shape
+        h, ctx, temb = self._embed(x, timestep, encoder_hidden_states, pooled_projections)
+        for block in self.transformer_blocks:
+            h, ctx = self._run_block(block, h, ctx, temb)
+        scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: scale first
+        h = self.proj_out(modulate(layer_norm(h), shift, scale))
+        p, c = self.config.patch_size, self.config.out_channels
+        h = h.reshape(b, height // p, width // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return h.reshape(b, height, width, c)

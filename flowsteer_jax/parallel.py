@@ -1,0 +1,97 @@
+"""Logical axis names -> `NamedSharding` over a `('data', 'fsdp', 'tensor')` mesh.
+
+Parameters carry `logical_axes` metadata; a rules table (from the config) maps each logical name to mesh
+axes. A mesh axis that does not divide a dimension is dropped for that dimension, so one rules table works
+from 1 device to a pod and for tiny test models alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshAxes = str | tuple[str, ...] | None
+
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv": None,
+    "adaln": "tensor",
+    "layers": None,
+    "lora_rank": None,
+}
+
+
+def logical_to_spec(
+    axes: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions are named `axes`; unnamed -> replicated."""
+    if axes is None:
+        return PartitionSpec()
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape, strict=True):
+        mesh_axes = rules.get(name) if name is not None else None
+        if isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        kept: list[str] = []
+        size = 1
+        for ax in mesh_axes or ():
+            n = mesh.shape[ax]
+            if ax not in used and n > 1 and dim % (size * n) == 0:
+                kept.append(ax)
+                size *= n
+        used.update(kept)
+        spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return PartitionSpec(*spec)
+
+
+def current_mesh() -> Mesh | None:
+    """The concrete mesh set with `jax.set_mesh(...)`, or None outside one."""
+    mesh = jax.sharding.get_mesh()
+    return None if mesh.empty else mesh
+
+
+def logical_sharding(
+    axes: Sequence[str | None] | None,
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def variable_sharding(variable, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an NNX Variable (concrete or abstract) from its `logical_axes` metadata."""
+    return logical_sharding(variable.get_metadata().get("logical_axes"), variable.shape, mesh, rules)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh with axes ('data', 'fsdp', 'tensor'); one -1 entry takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(shape)}: at most one -1")
+    known = 1
+    for s in shape:
+        known *= s if s != -1 else 1
+    if -1 in shape:
+        shape[shape.index(-1)] = len(devices) // known
+    total = 1
+    for s in shape:
+        total *= s
+    if total != len(devices):
+        raise ValueError(f"mesh shape {tuple(shape)} needs {total} devices, {len(devices)} available")
+    # Auto axes: XLA's sharding propagation decides intermediates; we constrain only inputs and params.
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(tuple(shape), ("data", "fsdp", "tensor"), axis_types=auto, devices=devices)
