@@ -39,6 +39,9 @@ def _place(
     mesh = mesh if mesh is not None else current_mesh()
     graphdef, state = nnx.split(nnx.eval_shape(build))
     variables = dict(nnx.to_flat_state(state))
+    unfilled = sorted(".".join(map(str, p)) for p in set(variables) - {e.flax_path for e in table})
+    if unfilled:  # a variable no checkpoint tensor fills would silently keep its random init
+        raise ValueError(f"{config_path}: model variables with no checkpoint entry: {unfilled}")
     for entry in table:
         var = variables[entry.flax_path]
         value = np.asarray(entry.to_flax(ckpt.load(entry.torch_key))).astype(dtype, copy=False)

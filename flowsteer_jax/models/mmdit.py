@@ -64,17 +64,19 @@ class MMDiTConfig:
         return self.num_attention_heads * self.attention_head_dim
 
 
-def sincos_pos_embed(dim: int, grid: int, base_size: int) -> np.ndarray:
-    """diffusers `get_2d_sincos_pos_embed(dim, grid, base_size=...)` -> (1, grid*grid, dim) float32."""
+def sincos_pos_embed(dim: int, grid: int, base_size: int) -> jax.Array:
+    """diffusers `get_2d_sincos_pos_embed(dim, grid, base_size=...)` -> (1, grid*grid, dim) float32.
+
+    The table is separable (first half: column coordinate, second half: row coordinate), so the float64 sin/cos
+    runs on `grid` values only and the full table is a broadcast: free under `nnx.eval_shape`.
+    """
     coords = np.arange(grid, dtype=np.float32) / np.float32(grid / base_size)
-    w, h = np.meshgrid(coords, coords, indexing="xy")  # diffusers feeds the w grid to the first half
-
-    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(pos.reshape(-1).astype(np.float64), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    return np.concatenate([one_d(dim // 2, w), one_d(dim // 2, h)], axis=1).astype(np.float32)[None]
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+    out = np.outer(coords.astype(np.float64), omega)
+    one_d = jnp.asarray(np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32))  # (grid, dim/2)
+    cols = jnp.broadcast_to(one_d[None, :, :], (grid, grid, dim // 2))
+    rows = jnp.broadcast_to(one_d[:, None, :], (grid, grid, dim // 2))
+    return jnp.concatenate([cols, rows], axis=-1).reshape(1, grid * grid, dim)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
@@ -104,7 +106,7 @@ class PatchEmbed(nnx.Module):
             bias_metadata={"logical_axes": ("embed",)},
         )
         table = sincos_pos_embed(d, cfg.pos_embed_max_size, cfg.sample_size // p)
-        self.pos_embed = Buffer(jnp.asarray(table, param_dtype), logical_axes=(None, None, "embed"))
+        self.pos_embed = Buffer(table.astype(param_dtype), logical_axes=(None, None, "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w = x.shape[0], x.shape[1] // self.patch_size, x.shape[2] // self.patch_size
