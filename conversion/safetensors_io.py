@@ -23,25 +23,23 @@ class ConversionError(ValueError):
 
 @dataclass
 class Checkpoint:
-    """A lazily read weight folder: `key -> file`, and `shape`/`dtype`/`load` per key."""
+    """A lazily read weight folder: `key -> file` and `key -> shape`; `load` reads one tensor."""
 
     folder: str
-    files: dict[str, str]  # key -> absolute path of the file that holds it
-    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+    files: dict[str, str]  # key -> path of the file that holds it
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def _handle(self, path: str):
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="np")
-        return self._handles[path]
-
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[key]).get_slice(key).get_shape())
+        return self.shapes[key]
 
     def load(self, key: str) -> np.ndarray:
-        return self._handle(self.files[key]).get_tensor(key)
+        # Open per read: a handle kept open keeps its whole shard mapped, and peak RSS would grow with every
+        # shard touched instead of staying near one tensor.
+        with safe_open(self.files[key], framework="np") as f:
+            return f.get_tensor(key)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self.files:
@@ -69,6 +67,7 @@ def open_checkpoint(folder: str) -> Checkpoint:
         raise ConversionError(f"{folder}: not a directory")
     single, index_path = _weight_files(folder)
     files: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     problems: list[str] = []
     if index_path is not None:
         try:
@@ -91,6 +90,7 @@ def open_checkpoint(folder: str) -> Checkpoint:
                     problems.append(f"duplicate key {key!r} in {files[key]} and {path}")
                     continue
                 files[key] = path
+                shapes[key] = tuple(f.get_slice(key).get_shape())
     if weight_map is not None:
         for key, shard in weight_map.items():
             where = files.get(key)
@@ -101,7 +101,7 @@ def open_checkpoint(folder: str) -> Checkpoint:
         problems += [f"key {k!r} in {p} is not listed in {index_path}" for k, p in files.items() if k not in weight_map]
     if problems:
         raise ConversionError(f"{folder}: inconsistent checkpoint:\n  " + "\n  ".join(problems))
-    return Checkpoint(folder=folder, files=files)
+    return Checkpoint(folder=folder, files=files, shapes=shapes)
 
 
 def save_checkpoint(

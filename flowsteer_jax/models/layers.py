@@ -6,7 +6,7 @@ shardings through the config's rules table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +99,19 @@ class _GeluProj(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(self.proj(x), approximate=True)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The transformers/diffusers activation called `name` (`ACT2FN` / `get_activation` spelling)."""
+    table: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch's default GELU is the erf form
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+    }
+    if name not in table:
+        raise ValueError(f"activation {name!r} is not supported (one of {sorted(table)})")
+    return table[name]

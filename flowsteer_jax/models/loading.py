@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from conversion import clip as clip_conv
 from conversion import sd3_transformer
-from conversion.safetensors_io import open_checkpoint, save_checkpoint
+from conversion import t5 as t5_conv
+from conversion import vae as vae_conv
+from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint
 from conversion.table import Entry, check_checkpoint, to_torch_state
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
+from flowsteer_jax.models.text.clip import CLIPText, CLIPTextConfig
+from flowsteer_jax.models.text.t5 import T5Config, T5Encoder
+from flowsteer_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, current_mesh, variable_sharding
 
 
@@ -85,3 +92,146 @@ def save_transformer(model: MMDiT, folder: str, *, max_shard_bytes: int | None =
     save_checkpoint(tensors, folder, max_shard_bytes=max_shard_bytes)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(model.config.to_diffusers(), f, indent=2)
+
+
+# --- Text encoders and VAE (transformers `text_encoder*/` and diffusers `vae/` folders) ---
+
+
+def load_clip(
+    folder: str,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+    implementation: str | None = None,
+) -> CLIPText:
+    """A transformers `CLIPTextModel[WithProjection]` folder (config.json + single or sharded safetensors)."""
+    raw, config_path = clip_conv.read_config(folder)
+    cfg = CLIPTextConfig.from_transformers(raw, config_path)
+    table = clip_conv.param_table(raw, clip_conv.torch_prefix(raw, open_checkpoint(folder).keys()))
+
+    def build() -> CLIPText:
+        return CLIPText(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation)
+
+    return _place(build, folder, table, config_path, dtype, mesh, rules)
+
+
+def load_t5(
+    folder: str,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+    implementation: str | None = None,
+) -> T5Encoder:
+    """A transformers `T5EncoderModel` folder; streams shards one tensor at a time in `dtype` (T5-XXL in bf16)."""
+    raw, config_path = t5_conv.read_config(folder)
+    cfg = T5Config.from_transformers(raw, config_path)
+    ckpt = open_checkpoint(folder)
+    table = t5_conv.param_table(raw, ckpt.keys())
+    check_checkpoint(ckpt, table, config_path)
+    t5_conv.check_tied_embeddings(ckpt)
+
+    def build() -> T5Encoder:
+        return T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation)
+
+    return _place(build, folder, table, config_path, dtype, mesh, rules)
+
+
+class TextEncoders(NamedTuple):
+    """SD3's three text encoders; `t5` is None for a pipeline saved with `text_encoder_3=None`."""
+
+    clip_l: CLIPText
+    clip_g: CLIPText
+    t5: T5Encoder | None
+
+
+def pipeline_component(folder: str, name: str) -> str | None:
+    """`folder/name`, or None where the pipeline was saved without it (`model_index.json` says `[null, null]`)."""
+    index_path = os.path.join(folder, "model_index.json")
+    index = None
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+        entry = index.get(name)
+        if entry is None or (isinstance(entry, list) and entry[-1] is None):
+            return None
+    path = os.path.join(folder, name)
+    if not os.path.isdir(path):
+        where = f"{index_path} lists it" if index is not None else "no model_index.json to say it is absent"
+        raise ConversionError(f"{folder}: no {name}/ folder ({where})")
+    return path
+
+
+def load_text_encoders(
+    folder: str,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    t5: bool = True,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+    implementation: str | None = None,
+) -> TextEncoders:
+    """`text_encoder/` (CLIP-L), `text_encoder_2/` (CLIP-G), `text_encoder_3/` (T5) of a diffusers SD3 folder.
+
+    `t5=False` skips the T5 encoder (9.5 GB in bf16) as diffusers' `text_encoder_3=None` does: its tokens
+    become zeros in `encode_prompt`.
+    """
+    kw = dict(mesh=mesh, rules=rules, implementation=implementation)
+    clip_l = load_clip(pipeline_component(folder, "text_encoder"), dtype, **kw)
+    clip_g = load_clip(pipeline_component(folder, "text_encoder_2"), dtype, **kw)
+    t5_folder = pipeline_component(folder, "text_encoder_3") if t5 else None
+    return TextEncoders(clip_l, clip_g, None if t5_folder is None else load_t5(t5_folder, dtype, **kw))
+
+
+def load_vae(
+    folder: str,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+) -> AutoencoderKL:
+    """A diffusers `vae/` folder (config.json + single or sharded safetensors) -> `AutoencoderKL` (NHWC)."""
+    raw, config_path = vae_conv.read_config(folder)
+    cfg = AutoencoderKLConfig.from_diffusers(raw, config_path)
+
+    def build() -> AutoencoderKL:
+        return AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+
+    return _place(build, folder, vae_conv.param_table(raw), config_path, dtype, mesh, rules)
+
+
+def clip_state_dict(model: CLIPText) -> dict[str, np.ndarray]:
+    """The transformers state dict of `model` (keys as transformers 5.x `save_pretrained` writes them)."""
+    return to_torch_state(flat_params(model), clip_conv.param_table(model.config.to_transformers()))
+
+
+def t5_state_dict(model: T5Encoder) -> dict[str, np.ndarray]:
+    """The transformers `T5EncoderModel` state dict of `model` (the embedding once, as `shared.weight`)."""
+    return to_torch_state(flat_params(model), t5_conv.param_table(model.config.to_transformers()))
+
+
+def vae_state_dict(model: AutoencoderKL) -> dict[str, np.ndarray]:
+    """The diffusers `AutoencoderKL` state dict of `model` (bit-exact, same dtype)."""
+    return to_torch_state(flat_params(model), vae_conv.param_table(model.config.to_diffusers()))
+
+
+def _save(tensors: Mapping[str, np.ndarray], config: dict, folder: str, name: str, max_shard_bytes: int | None):
+    save_checkpoint(tensors, folder, name=name, max_shard_bytes=max_shard_bytes)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def save_clip(model: CLIPText, folder: str, *, max_shard_bytes: int | None = 5 * 2**30) -> None:
+    """Write a folder that transformers' `CLIPTextModel[WithProjection].from_pretrained` loads."""
+    _save(clip_state_dict(model), model.config.to_transformers(), folder, "model", max_shard_bytes)
+
+
+def save_t5(model: T5Encoder, folder: str, *, max_shard_bytes: int | None = 5 * 2**30) -> None:
+    """Write a folder that transformers' `T5EncoderModel.from_pretrained` loads."""
+    _save(t5_state_dict(model), model.config.to_transformers(), folder, "model", max_shard_bytes)
+
+
+def save_vae(model: AutoencoderKL, folder: str, *, max_shard_bytes: int | None = 10 * 2**30) -> None:
+    """Write a diffusers `vae/` folder that `AutoencoderKL.from_pretrained` loads."""
+    _save(vae_state_dict(model), model.config.to_diffusers(), folder, "diffusion_pytorch_model", max_shard_bytes)

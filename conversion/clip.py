@@ -1,0 +1,126 @@
+"""transformers `CLIPTextModel` / `CLIPTextModelWithProjection` <-> flowsteer_jax `CLIPText`: the key table.
+
+Flax paths always read `text_model.*` (+ `text_projection`), as in `CLIPTextModelWithProjection`. transformers
+5.x saves a bare `CLIPTextModel` without that prefix while 4.x checkpoints (e.g. SD1.x `text_encoder/`) keep it,
+so the torch-side prefix is a parameter chosen from the checkpoint's keys.
+
+Unlike diffusers configs, a transformers config.json carries many generic `PretrainedConfig` fields that change
+between versions; only the fields below are read, and the ones the model cannot honour are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from conversion.safetensors_io import ConversionError
+from conversion.table import Entry
+
+ARCHITECTURES = ("CLIPTextModelWithProjection", "CLIPTextModel")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
+
+# CLIPTextConfig defaults (transformers 5.x).
+DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "pad_token_id": 1,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+}
+
+
+def normalize_config(raw: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """transformers CLIP text config dict -> the fields above plus `architecture`; rejects what we cannot run."""
+    if raw.get("model_type", "clip_text_model") != "clip_text_model":
+        raise ConversionError(f"{source}: model_type={raw['model_type']!r}, expected 'clip_text_model'")
+    cfg = {k: raw.get(k, v) for k, v in DEFAULTS.items()}
+    cfg = {k: (None if v is None else type(DEFAULTS[k])(v)) for k, v in cfg.items()}
+    archs = raw.get("architectures") or [raw.get("architecture", ARCHITECTURES[0])]
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise ConversionError(f"{source}: architectures={archs} is not one of {list(ARCHITECTURES)}")
+    cfg["architecture"] = archs[0]
+    if cfg["hidden_act"] not in ACTIVATIONS:
+        raise ConversionError(f"{source}: hidden_act={cfg['hidden_act']!r} is not supported ({list(ACTIVATIONS)})")
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ConversionError(
+            f"{source}: hidden_size={cfg['hidden_size']} is not divisible by num_attention_heads="
+            f"{cfg['num_attention_heads']}"
+        )
+    if cfg["eos_token_id"] is None:
+        raise ConversionError(f"{source}: eos_token_id must be set (the pooled output is taken at the EOS token)")
+    return cfg
+
+
+def read_json(folder: str, what: str) -> tuple[dict[str, Any], str]:
+    """`folder/config.json` as a dict, or a ConversionError naming the file."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read the {what} config ({e.strerror})") from e
+    except ValueError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_config(folder: str) -> tuple[dict[str, Any], str]:
+    raw, path = read_json(folder, "CLIP text encoder")
+    return normalize_config(raw, path), path
+
+
+def torch_prefix(config: Mapping[str, Any], keys: Iterable[str] | None = None) -> str:
+    """`text_model.` for the projection model and for 4.x-style checkpoints, `` for a 5.x `CLIPTextModel`."""
+    if normalize_config(config)["architecture"] == "CLIPTextModelWithProjection":
+        return "text_model."
+    return "text_model." if keys is not None and any(k.startswith("text_model.") for k in keys) else ""
+
+
+def param_table(config: Mapping[str, Any], prefix: str | None = None) -> list[Entry]:
+    """Every tensor of the transformers state dict for this config, with its Flax path, shape and layout."""
+    c = normalize_config(config)
+    prefix = torch_prefix(c) if prefix is None else prefix
+    d, ff = c["hidden_size"], c["intermediate_size"]
+    table: list[Entry] = []
+
+    def add(key: str, leaf: str, shape: tuple[int, ...], kind: str = "same") -> None:
+        path = ("text_model", *(int(s) if s.isdigit() else s for s in key.split(".")), leaf)
+        table.append(Entry(f"{prefix}{key}.{'weight' if leaf != 'bias' else 'bias'}", path, shape, kind))
+
+    def linear(key: str, n_in: int, n_out: int) -> None:
+        add(key, "kernel", (n_out, n_in), "linear")
+        add(key, "bias", (n_out,))
+
+    def norm(key: str) -> None:
+        add(key, "scale", (d,))
+        add(key, "bias", (d,))
+
+    add("embeddings.token_embedding", "embedding", (c["vocab_size"], d))
+    add("embeddings.position_embedding", "embedding", (c["max_position_embeddings"], d))
+    for i in range(c["num_hidden_layers"]):
+        layer = f"encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{layer}.self_attn.{proj}", d, d)
+        norm(f"{layer}.layer_norm1")
+        linear(f"{layer}.mlp.fc1", d, ff)
+        linear(f"{layer}.mlp.fc2", ff, d)
+        norm(f"{layer}.layer_norm2")
+    norm("final_layer_norm")
+    if c["architecture"] == "CLIPTextModelWithProjection":
+        table.append(Entry("text_projection.weight", ("text_projection", "kernel"), (c["projection_dim"], d), "linear"))
+    return table
+
+
+def to_transformers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config.json that transformers' `from_pretrained` reads back into the same model."""
+    c = normalize_config(config)
+    out = {k: c[k] for k in DEFAULTS}
+    return {"architectures": [c["architecture"]], "model_type": "clip_text_model", **out}

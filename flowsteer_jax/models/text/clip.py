@@ -1,0 +1,194 @@
+"""CLIP text encoder (transformers `CLIPTextModel` / `CLIPTextModelWithProjection`) as Flax NNX modules.
+
+Attribute names mirror transformers (`text_model.encoder.layers.0.self_attn.q_proj`, `text_projection`) so
+`conversion/clip.py` is a table. SD3 reads the penultimate entry of `hidden_states` and the projected pooled
+output (`text_embeds`) of both of its CLIP encoders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from conversion import clip as clip_table
+from flowsteer_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from flowsteer_jax.models.layers import activation, linear
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """The fields of transformers' CLIPTextConfig that the model uses, with its defaults."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407
+    architecture: str = "CLIPTextModelWithProjection"
+
+    def __post_init__(self):
+        clip_table.normalize_config(self.to_transformers(), "CLIPTextConfig")
+
+    @classmethod
+    def from_transformers(cls, raw: Mapping[str, Any], source: str = "config") -> CLIPTextConfig:
+        return cls(**clip_table.normalize_config(raw, source))
+
+    def to_transformers(self) -> dict[str, Any]:
+        return clip_table.to_transformers({**dataclasses.asdict(self), "architectures": [self.architecture]})
+
+    @property
+    def with_projection(self) -> bool:
+        return self.architecture == "CLIPTextModelWithProjection"
+
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: jax.Array  # after final_layer_norm
+    pooler_output: jax.Array  # last_hidden_state at the EOS token
+    text_embeds: jax.Array | None  # text_projection(pooler_output); None without a projection
+    hidden_states: tuple[jax.Array, ...]  # embeddings, then every layer's output (before final_layer_norm)
+
+
+def _layer_norm(dim: int, eps: float, **kw) -> nnx.LayerNorm:
+    # Two-pass variance as torch computes it: the default fast variance loses digits at large means.
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        use_fast_variance=False,
+        scale_metadata={"logical_axes": ("embed",)},
+        bias_metadata={"logical_axes": ("embed",)},
+        **kw,
+    )
+
+
+def _embed(n: int, dim: int, **kw) -> nnx.Embed:
+    return nnx.Embed(n, dim, embedding_metadata={"logical_axes": (None, "embed")}, **kw)
+
+
+class CLIPTextEmbeddings(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, **kw):
+        self.token_embedding = _embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.position_embedding = _embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        n = input_ids.shape[-1]
+        if n > self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"sequence of {n} tokens, max_position_embeddings={self.position_embedding.num_embeddings}"
+            )
+        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(n))[None]
+
+
+class CLIPAttention(nnx.Module):
+    """Causal multi-head self-attention."""
+
+    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
+        d = cfg.hidden_size
+        self.heads, self.implementation = cfg.num_attention_heads, implementation
+        self.q_proj = linear(d, d, ("embed", "heads"), **kw)
+        self.k_proj = linear(d, d, ("embed", "heads"), **kw)
+        self.v_proj = linear(d, d, ("embed", "heads"), **kw)
+        self.out_proj = linear(d, d, ("heads", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        return self.out_proj(out.reshape(x.shape))
+
+
+class CLIPMLP(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, **kw):
+        self.act = activation(cfg.hidden_act)
+        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
+        self.self_attn = CLIPAttention(cfg, implementation, **kw)
+        self.layer_norm1 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.mlp = CLIPMLP(cfg, **kw)
+        self.layer_norm2 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, implementation, **kw) for _ in range(cfg.num_hidden_layers)])
+
+
+class CLIPTextTransformer(nnx.Module):
+    """transformers' `CLIPTextModel` body: embeddings, causal encoder, final LayerNorm, EOS pooling."""
+
+    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
+        self.eos_token_id = cfg.eos_token_id
+        self.embeddings = CLIPTextEmbeddings(cfg, **kw)
+        self.encoder = CLIPEncoder(cfg, implementation, **kw)
+        self.final_layer_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+
+    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+        h = self.embeddings(input_ids)
+        hidden_states = [h]
+        for layer in self.encoder.layers:
+            h = layer(h)
+            hidden_states.append(h)
+        last = self.final_layer_norm(h)
+        if self.eos_token_id == 2:
+            # Configs older than transformers PR #24773 say eos=2; transformers then pools at the largest id,
+            # which is the EOS token of the original CLIP vocabulary. SD3's CLIP configs are such configs.
+            eos_pos = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos_pos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)  # first EOS: pad may equal EOS
+        pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]
+        return last, pooled, tuple(hidden_states)
+
+
+class CLIPText(nnx.Module):
+    """`CLIPTextModelWithProjection` (or `CLIPTextModel` when `cfg.architecture` says so).
+
+    `model(input_ids) -> CLIPTextOutput`; input_ids is (B, T) int with T <= max_position_embeddings. No
+    attention mask, as SD3 calls it: the causal mask alone decides what each token sees.
+    """
+
+    def __init__(
+        self,
+        cfg: CLIPTextConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype | None = None,
+        implementation: str | None = None,
+    ):
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype)
+        self.config, self.dtype = cfg, dtype
+        self.text_model = CLIPTextTransformer(cfg, implementation, **kw)
+        self.text_projection = (
+            linear(cfg.hidden_size, cfg.projection_dim, ("embed", None), use_bias=False, **kw)
+            if cfg.with_projection
+            else None
+        )
+
+    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+        last, pooled, hidden_states = self.text_model(input_ids)
+        text_embeds = self.text_projection(pooled) if self.text_projection is not None else None
+        return CLIPTextOutput(last, pooled, text_embeds, hidden_states)
