@@ -1,0 +1,112 @@
+"""Sample images from a diffusers SD3 folder with `SD3Pipeline` (teacher or distilled student).
+
+    python -m flowsteer_jax.sample --model=FOLDER --prompts=FILE_OR_TEXT --steps=4 --schedule=rectified \
+        --guidance=0 --out=DIR [--batch=4] [--seed=0] [--height=H --width=W] [--dtype=float32|bfloat16]
+
+`--prompts` is a text file (one prompt a line; blank lines and lines starting with `#` skipped) or, if no such
+file exists, the prompt itself. Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress
+bar over batches. Image `i` uses noise from (`seed + i // batch`, `i % batch`), so reruns are reproducible.
+Without SD3 weights, try it on a tiny random pipeline: `python -m flowsteer_jax.tools.tiny_model --out=DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+from PIL import Image
+from tqdm import tqdm
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def read_prompts(arg: str) -> list[str]:
+    if os.path.isfile(arg):
+        with open(arg) as f:
+            prompts = [line.strip() for line in f]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if not prompts:
+            raise ValueError(f"{arg}: no prompts in the file")
+        return prompts
+    return [arg]
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Images laid out row-major on a near-square grid (cells the size of the first image)."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flowsteer_jax.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="diffusers SD3 pipeline folder (model_index.json inside)")
+    p.add_argument("--prompts", required=True, help="a text file with one prompt per line, or a prompt")
+    p.add_argument("--out", required=True, help="output folder for the PNGs and grid.png")
+    p.add_argument("--steps", type=int, default=4, help="number of inference steps (model calls)")
+    p.add_argument("--schedule", choices=("rectified", "diffusers"), default="rectified")
+    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale; <= 1 means no CFG (one forward/step)")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--batch", type=int, default=4, help="prompts per jitted call (the last batch is padded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--max_sequence_length", type=int, default=256)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--no_t5", action="store_true", help="skip the T5 encoder (its tokens become zeros)")
+    p.add_argument("--lora", default=None, help="student LoRA (not available yet: comes with pipe.load_lora)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.lora is not None:
+        print("--lora is not supported yet (SD3Pipeline.load_lora comes in a later issue)", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.batch < 1:
+        print("--steps and --batch must be >= 1", file=sys.stderr)
+        return 2
+    from flowsteer_jax.pipeline import SD3Pipeline
+
+    prompts = read_prompts(args.prompts)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    pipe = SD3Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], t5=not args.no_t5)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    images: list[Image.Image] = []
+    batches = range(0, len(prompts), args.batch)
+    for k, start in enumerate(tqdm(batches, desc=f"sampling {len(prompts)} prompts", unit="batch")):
+        chunk = prompts[start : start + args.batch]
+        padded = chunk + [chunk[-1]] * (args.batch - len(chunk))  # one batch shape: compiled once
+        out = pipe(
+            padded,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            schedule=args.schedule,
+            seed=args.seed + k,
+            height=args.height,
+            width=args.width,
+            negative_prompt=args.negative_prompt,
+            max_sequence_length=args.max_sequence_length,
+            output_type="pil",
+        )
+        for i, im in enumerate(out[: len(chunk)]):
+            im.save(os.path.join(args.out, f"{start + i:05d}.png"))
+            images.append(im)
+    make_grid(images).save(os.path.join(args.out, "grid.png"))
+    with open(os.path.join(args.out, "prompts.txt"), "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    print(f"wrote {len(images)} images and grid.png to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

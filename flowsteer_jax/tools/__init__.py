@@ -1,0 +1,1 @@
+"""Command-line helpers (not needed to train or sample)."""
