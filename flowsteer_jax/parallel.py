@@ -95,3 +95,44 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     # Auto axes: XLA's sharding propagation decides intermediates; we constrain only inputs and params.
     auto = (jax.sharding.AxisType.Auto,) * 3
     return jax.make_mesh(tuple(shape), ("data", "fsdp", "tensor"), axis_types=auto, devices=devices)
+
+
+# --- Trainer helpers (distillation step): mesh from a config, shardings of whole states and batches. ---
+
+
+def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """`make_mesh(config.mesh.shape)`; `config` is the distillation ConfigDict (or anything with `.mesh.shape`)."""
+    return make_mesh(tuple(config.mesh.shape), devices)
+
+
+def rules_from_config(config) -> dict[str, MeshAxes]:
+    """The config's `mesh.rules` table as a plain dict (tuples kept, lists turned into tuples)."""
+    rules = dict(config.mesh.rules)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in rules.items()}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES) -> NamedSharding:
+    """Leading (batch) dimension over the rules' `batch` axes, the rest replicated; a prefix for any rank."""
+    axes = rules.get("batch")
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES):
+    """Shardings for a pytree of NNX Variables (params, optax states built on them) and plain arrays.
+
+    Each Variable (concrete or abstract) is placed by its `logical_axes`; other leaves (step counters,
+    optax `count`s, keys) are replicated. The result is a prefix tree usable as `jax.jit` in/out shardings.
+    """
+    from flax import nnx  # local: keep this module importable without flax for conversion tools
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return variable_sharding(leaf, mesh, rules)
+        return replicated(mesh)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -317,3 +317,20 @@ def test_loading_places_weights_into_mesh_shardings(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert rel_err(np.load(tmp_path / "out.npy"), torch_forward(ref, x, t, ctx, pool)) <= 1e-5
+
+
+def test_remat_inside_scan_closure():
+    """A remat model closed over by lax.scan (as OTA and the pipeline do) must trace and match the plain one."""
+    cfg = MMDiTConfig(**{**TINY, "num_layers": 2})
+    plain = MMDiT(cfg, rngs=nnx.Rngs(0))
+    remat = MMDiT(cfg, rngs=nnx.Rngs(0), remat_policy="full")
+    x, t, ctx, pool = inputs()
+    x = jnp.asarray(x.transpose(0, 2, 3, 1))
+
+    def loop(model):
+        def body(h, _):
+            return model(h, t, ctx, pool), None
+
+        return jax.jit(lambda h: jax.lax.scan(body, h, None, length=2)[0])(x)
+
+    np.testing.assert_allclose(loop(remat), loop(plain), rtol=1e-6, atol=1e-6)

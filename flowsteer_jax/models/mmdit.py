@@ -241,8 +241,11 @@ class MMDiT(nnx.Module):
     def _run_block(self, block: JointTransformerBlock, x, ctx, temb):
         if self.remat_policy is None:
             return block(x, ctx, temb)
-        call = nnx.remat(lambda blk, *args: blk(*args), policy=REMAT_POLICIES[self.remat_policy])
-        return call(block, x, ctx, temb)
+        # Functional remat (split -> jax.checkpoint -> merge): nnx.remat writes Variables back, which fails when
+        # this model is closed over inside another transform (lax.scan in OTA, the pipeline's loop).
+        graphdef, state = nnx.split(block)
+        call = jax.checkpoint(lambda s, *args: nnx.merge(graphdef, s)(*args), policy=REMAT_POLICIES[self.remat_policy])
+        return call(state, x, ctx, temb)
 
     def _embed(self, x, timestep, encoder_hidden_states, pooled_projections):
         x = x.astype(self.dtype)

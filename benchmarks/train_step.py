@@ -1,0 +1,233 @@
+"""Train-step benchmark: OTA vs PeRFlow start points, and the memory XLA predicts for SD3-Medium at 1024².
+
+    python benchmarks/train_step.py                    # both parts (memory part also on 8 fake devices)
+    python benchmarks/train_step.py throughput [--layers 4 --width 128 --latent 32 --batch 4 --steps 3]
+    python benchmarks/train_step.py memory [--devices 8] [--remat full]
+
+`throughput`: one run, one config, `distill.start_points` "ota" then "interpolate" (PeRFlow, `x0` from the
+batch): compile time apart, steps/s and trained windows/s (K windows per prompt both ways), and the peak
+memory of each compiled step (XLA's `memory_analysis`: arguments + temporaries + outputs - aliased; the
+device's own `peak_bytes_in_use` where the backend reports it). Both modes run the same teacher NFE
+(`teacher_steps` Euler steps with CFG per prompt): OTA in one trajectory, PeRFlow as K batched window solves.
+
+`memory`: SD3-Medium-shaped random weights built with `jax.eval_shape` (nothing allocated), bf16 base and
+discriminator, fp32 LoRA (rank 64) and Adam moments; `lower(...).compile().memory_analysis()` of the whole
+step at 1024² (latent 128x128x16), 1 prompt per device; on N devices with FSDP (mesh (1, N, 1)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+GiB = 2**30
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {
+        "arguments_gib": m.argument_size_in_bytes / GiB,
+        "outputs_gib": m.output_size_in_bytes / GiB,
+        "aliased_gib": m.alias_size_in_bytes / GiB,
+        "temporaries_gib": m.temp_size_in_bytes / GiB,
+    }
+    out["peak_gib"] = out["arguments_gib"] + out["outputs_gib"] - out["aliased_gib"] + out["temporaries_gib"]
+    return out
+
+
+def _batch(b, seq, joint, pooled, latent, dtype, rng):
+    import jax.numpy as jnp
+
+    arrays = dict(
+        prompt_embeds=rng.standard_normal((b, seq, joint)),
+        pooled=rng.standard_normal((b, pooled)),
+        negative_prompt_embeds=rng.standard_normal((b, seq, joint)),
+        negative_pooled=rng.standard_normal((b, pooled)),
+        x0=rng.standard_normal((b, *latent)),
+    )
+    return {k: jnp.asarray(v, dtype) for k, v in arrays.items()}
+
+
+def throughput(args) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from flowsteer_jax.distill import default_config, make_step, make_train_state, place_batch
+    from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
+
+    heads = max(args.width // 32, 1)
+    cfg = MMDiTConfig(
+        sample_size=args.latent,
+        patch_size=2,
+        in_channels=16,
+        num_layers=args.layers,
+        attention_head_dim=args.width // heads,
+        num_attention_heads=heads,
+        joint_attention_dim=64,
+        caption_projection_dim=args.width,
+        pooled_projection_dim=32,
+        out_channels=16,
+        pos_embed_max_size=args.latent // 2,
+    )
+    latent = (args.latent, args.latent, 16)
+    batch_host = _batch(args.batch, 16, 64, 32, latent, np.float32, np.random.default_rng(0))
+    results = {}
+    for mode in args.modes.split(","):
+        config = default_config()
+        config.model.latent_shape = latent
+        config.model.remat_policy = args.remat
+        config.lora.rank, config.lora.alpha = 16, 16.0
+        config.disc.num_blocks = max(args.layers // 2, 1)
+        config.distill.teacher_steps = args.teacher_steps
+        config.distill.start_points = mode
+        config.mesh.shape = (-1, 1, 1)
+        state, frozen, graphs = make_train_state(config, MMDiT(cfg, rngs=nnx.Rngs(0)))
+        batch, rng = place_batch(batch_host, graphs), jax.random.PRNGKey(0)
+        step = make_step(config, graphs)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, frozen, batch, rng).compile()
+        compile_s = time.perf_counter() - t0
+        state, metrics = compiled(state, frozen, batch, rng)  # warm-up
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = compiled(state, frozen, batch, rng)
+        jax.block_until_ready(metrics)
+        dt = (time.perf_counter() - t0) / args.steps
+        stats = jax.devices()[0].memory_stats() or {}
+        results[mode] = {
+            "compile_s": compile_s,
+            "step_s": dt,
+            "steps_per_s": 1 / dt,
+            "windows_per_s": float(metrics["windows"]) / dt,
+            "loss": float(metrics["loss"]),
+            "xla_memory": _memory(compiled),
+            "device_peak_gib": stats.get("peak_bytes_in_use", 0) / GiB or None,
+        }
+    results["ota_vs_perflow_windows_per_s"] = results["ota"]["windows_per_s"] / results["interpolate"]["windows_per_s"]
+    results["setup"] = {
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "model": f"{args.layers} layers, width {args.width}, latent {latent}",
+        "batch": args.batch,
+        "windows": 4,
+        "teacher_steps": args.teacher_steps,
+        "remat": args.remat,
+    }
+    return results
+
+
+def memory(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flowsteer_jax.distill import abstract_train_state, default_config, make_step
+    from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
+    from flowsteer_jax.parallel import make_mesh
+
+    n = len(jax.devices())
+    config = default_config()
+    config.model.remat_policy = args.remat
+    config.model.latent_shape = (128, 128, 16)
+    config.mesh.shape = (1, n, 1)
+    cfg = MMDiTConfig(**SD3_MEDIUM)
+    mesh = make_mesh(config.mesh.shape)
+    t0 = time.perf_counter()
+    state, frozen, graphs = abstract_train_state(
+        config, lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16), mesh=mesh
+    )
+    b = n * args.per_device_batch
+    sds = jax.ShapeDtypeStruct
+    batch = {
+        "prompt_embeds": sds((b, 333, 4096), jnp.bfloat16),
+        "pooled": sds((b, 2048), jnp.bfloat16),
+        "negative_prompt_embeds": sds((b, 333, 4096), jnp.bfloat16),
+        "negative_pooled": sds((b, 2048), jnp.bfloat16),
+    }
+    lowered = make_step(config, graphs).lower(state, frozen, batch, sds((2,), jnp.uint32))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+
+    def count(tree):
+        return sum(x.size for x in jax.tree.leaves(tree))
+
+    return {
+        "devices": n,
+        "mesh": tuple(config.mesh.shape),
+        "global_batch": b,
+        "remat": args.remat,
+        "params": {
+            "base": count(frozen["base"]),
+            "lora": count(state["params"]["lora"]),
+            "disc": count(state["params"]["disc"]),
+        },
+        "per_device": _memory(compiled),
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", nargs="?", default="all", choices=("all", "throughput", "memory"))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--teacher-steps", type=int, default=28)
+    p.add_argument("--remat", default=None)
+    p.add_argument("--modes", default="ota,interpolate", help="throughput: start-point modes, in run order")
+    p.add_argument("--devices", type=int, default=1, help="memory part: fake CPU devices (subprocess)")
+    p.add_argument("--per-device-batch", type=int, default=1)
+    args = p.parse_args()
+
+    if (
+        args.part in ("memory", "all")
+        and args.devices > 1
+        and "xla_force_host_platform_device_count" not in (os.environ.get("XLA_FLAGS", ""))
+    ):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
+        cmd = [sys.executable, __file__, "memory", f"--remat={args.remat}"]
+        cmd.append(f"--per-device-batch={args.per_device_batch}")
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        print(out.strip().splitlines()[-1])
+        if args.part == "memory":
+            return
+        args.devices = 1
+    if args.remat in ("None", "none"):
+        args.remat = None
+    parts = ("throughput", "memory") if args.part == "all" else (args.part,)
+    for part in parts:
+        result = throughput(args) if part == "throughput" else memory(args)
+        print(json.dumps({part: result}, default=float))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

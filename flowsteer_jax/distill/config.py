@@ -1,0 +1,78 @@
+"""The distillation config: `default_config()` is the base every `configs/*.py` file builds on.
+
+Shape (all keys always present; `configs/` files override values, never add keys):
+
+- `seed`: base PRNG seed; step `i` uses `fold_in(PRNGKey(seed), i)`.
+- `model.remat_policy`: None | "full" | "dots" | "dots_all" (per-block remat of student, teacher and D).
+- `model.latent_shape`: (H, W, C) of the latents the step samples noise for (channels-last).
+- `lora.rank`, `lora.alpha` (scale = alpha / rank), `lora.targets` (dotted path suffixes, see
+  `models/lora.py`), `lora.dtype` (adapter parameter dtype).
+- `distill.num_windows` K and `distill.schedule` ("rectified" | "diffusers") with `distill.shift`: the window
+  boundaries `schedules.sigmas(K, schedule, shift)`, also the student's inference grid.
+- `distill.teacher_steps`: Euler steps of the teacher in total over [1, 0], on a grid that contains the
+  boundaries (split as evenly as possible between windows in the unshifted time).
+- `distill.cfg_min`, `distill.cfg_max`: teacher guidance `w ~ U[cfg_min, cfg_max]`, one per sample.
+- `distill.start_points`: "ota" (teacher trajectory from noise, FlowSteer) | "interpolate" (PeRFlow:
+  `(1 - s_k) x0 + s_k eps` from `batch["x0"]`, the teacher solved inside each window only).
+- `loss.lambda_adv`, `loss.lambda_fm`: weights of `L_adv`, `L_FM`; both 0 removes the discriminator.
+- `adv.student_states`: "one_step" (one student step from the authentic start of each window) | "rollout"
+  (the student's own K-step chain from the same noise, remat per step).
+- `disc.num_blocks`, `disc.head` ("conv" | "mlp"), `disc.param_dtype` (its trainable weights; the trunk
+  computes in the base model's dtype, so a bf16 base gets an fp32-master discriminator by default).
+- `optim.lora.*`, `optim.disc.*`: AdamW `lr`, `b1`, `b2`, `eps`, `weight_decay`, `clip_norm` (global norm,
+  inside the branch; 0 disables), `schedule` ("constant" | "cosine"), `warmup_steps`, `total_steps`.
+- `mesh.shape`: (data, fsdp, tensor), one -1 fills; `mesh.rules`: logical axis -> mesh axes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from flowsteer_jax.models.lora import DEFAULT_TARGETS
+from flowsteer_jax.parallel import DEFAULT_RULES
+
+
+def _adamw(lr: float, weight_decay: float, clip_norm: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            lr=lr,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=weight_decay,
+            clip_norm=clip_norm,
+            schedule="constant",
+            warmup_steps=0,
+            total_steps=10_000,
+        )
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(remat_policy=None, latent_shape=(128, 128, 16)))
+    c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=64.0, targets=DEFAULT_TARGETS, dtype="float32"))
+    c.distill = ml_collections.ConfigDict(
+        dict(
+            num_windows=4,
+            schedule="rectified",
+            shift=3.0,
+            teacher_steps=28,
+            cfg_min=7.0,
+            cfg_max=13.0,
+            start_points="ota",
+        )
+    )
+    c.loss = ml_collections.ConfigDict(dict(lambda_adv=0.5, lambda_fm=1.0))
+    c.adv = ml_collections.ConfigDict(dict(student_states="one_step"))
+    c.disc = ml_collections.ConfigDict(dict(num_blocks=12, head="conv", param_dtype="float32"))
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lora = _adamw(1e-4, 1e-2, 1.0)
+    c.optim.disc = _adamw(1e-4, 1e-2, 1.0)
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(DEFAULT_RULES)))
+    return c
+
+
+def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
+    return config.loss.lambda_adv != 0 or config.loss.lambda_fm != 0

@@ -1,0 +1,84 @@
+"""FlowSteer's losses (DESIGN §2.2-2.4) as pure functions of arrays.
+
+Shapes: per-window arrays are `(K, B, H, W, C)` with window k spanning `[s_hi[k], s_lo[k]]`
+(`s_hi > s_lo`, noise side first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+    return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+
+def window_velocity(starts: jax.Array, ends: jax.Array, s_hi: jax.Array, s_lo: jax.Array) -> jax.Array:
+    """The constant target velocity of each window's straight line: `(end - start) / (s_lo - s_hi)`."""
+    return (ends - starts) / _bcast(s_lo - s_hi, starts)
+
+
+def window_points(
+    key: jax.Array, starts: jax.Array, v_star: jax.Array, s_hi: jax.Array, s_lo: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`(t, z_t)`: `t ~ U(s_lo, s_hi]` per window and sample, `z_t` on the window's straight line."""
+    k, b = starts.shape[:2]
+    u = jax.random.uniform(key, (k, b), jnp.float32)
+    t = s_hi[:, None] - u * (s_hi - s_lo)[:, None]
+    return t, starts + _bcast(t - s_hi[:, None], starts) * v_star
+
+
+def velocity_loss(v_pred: jax.Array, v_star: jax.Array) -> jax.Array:
+    """Segment-wise velocity loss: mean over windows, samples and elements of `(v_S - v*)^2`."""
+    return jnp.mean(jnp.square(v_pred.astype(jnp.float32) - v_star.astype(jnp.float32)))
+
+
+def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """Discriminator hinge: `E relu(1 - D(real)) + E relu(1 + D(fake))`."""
+    return jnp.mean(jax.nn.relu(1.0 - real_logits)) + jnp.mean(jax.nn.relu(1.0 + fake_logits))
+
+
+def adversarial_loss(fake_logits: jax.Array) -> jax.Array:
+    """Student's `L_adv = -E D(z^S)`."""
+    return -jnp.mean(fake_logits)
+
+
+def feature_matching(real_feats: Sequence[jax.Array], fake_feats: Sequence[jax.Array]) -> jax.Array:
+    """`sum_l mean ||D_l(z^T) - D_l(z^S)||^2` over the discriminator's blocks (teacher side held fixed)."""
+    total = jnp.zeros((), jnp.float32)
+    for r, f in zip(real_feats, fake_feats, strict=True):
+        diff = jax.lax.stop_gradient(r).astype(jnp.float32) - f.astype(jnp.float32)
+        total = total + jnp.mean(jnp.square(diff))
+    return total
+
+
+def split_gradients(fn: Callable, params, x, *rest):
+    """Run `fn(params, x, *rest)` once and return it twice: `(out_params, out_x)`.
+
+    Cotangents reaching `out_params` flow to `params` only; those reaching `out_x` flow to `x` (and `rest`)
+    only. This is how one forward of the discriminator serves both players in a single backward pass:
+    the hinge loss reads `out_params` (trains D, does not push the student), `L_adv`/`L_FM` read `out_x`
+    (push the student through D, do not train D). Equivalent to evaluating `fn(params, sg(x))` and
+    `fn(sg(params), x)`, without the second forward.
+    """
+
+    @jax.custom_vjp
+    def routed(params, x, rest):
+        out = fn(params, x, *rest)
+        return out, out
+
+    def fwd(params, x, rest):
+        out, vjp = jax.vjp(lambda p, y, r: fn(p, y, *r), params, x, rest)
+        return (out, out), vjp
+
+    def bwd(vjp, cts):
+        ct_params, ct_x = cts
+        g_params = vjp(ct_params)[0]
+        _, g_x, g_rest = vjp(ct_x)
+        return g_params, g_x, g_rest
+
+    routed.defvjp(fwd, bwd)
+    return routed(params, x, tuple(rest))

@@ -1,0 +1,183 @@
+"""The one jitted FlowSteer train step: `(train_state, frozen, batch, rng) -> (train_state, metrics)`.
+
+Pure `jax.jit` with explicit in/out shardings and the train state donated; `nnx.merge` happens inside.
+Per step, for a batch of B prompts (DESIGN §2):
+
+1. `key = fold_in(rng, step)`; noise `eps (B, H, W, C)` and guidance `w ~ U[cfg_min, cfg_max] (B,)`.
+2. Teacher (the base with LoRA switched off, static) gives each of the K windows a start and an end:
+   OTA (one CFG trajectory, one `lax.scan`) or PeRFlow interpolation (`distill.start_points`). No gradient.
+3. One student forward over `K*B` points `z_t` (t uniform in each window, on its straight line) plus, with
+   the discriminator and `adv.student_states="one_step"`, the `K*B` window starts (one batch of `2*K*B`):
+   `L_dist` over all windows, and `z^S = z^T_{s_k} + (s_{k-1} - s_k) v_S(z^T_{s_k}, s_k)`.
+   `"rollout"` instead unrolls the student's own K steps from `eps` (Euler scan, remat per step).
+4. One discriminator forward over `[z^T_{s_{k-1}}; z^S_{s_{k-1}}]` (`2*K*B`), its gradients split between
+   the players (`losses.split_gradients`): hinge trains D, `L_adv` and `L_FM` train the student.
+5. One backward pass for `L_dist + l_adv L_adv + l_fm L_FM + L_D` gives LoRA and D gradients;
+   `optax.partition` applies clipped AdamW per branch. With `lambda_adv = lambda_fm = 0` there is no
+   discriminator in the state, so none in the compiled step.
+6. A non-finite loss or gradient keeps params and optimizer state (a select, so no NaN reaches them);
+   `step` still advances (fresh noise next time), `nonfinite` counts it, `metrics["finite"]` reports it.
+
+Metrics: `loss` (`L_student + L_D`, what is differentiated), `loss_student`, `loss_dist`, `loss_adv`,
+`loss_fm`, `loss_disc`, `d_real`, `d_fake`, `grad_norm_*`, `lr_*`, `finite`, `windows` (K * B trained).
+
+Batch (all batch-major, sharded over the rules' `batch` axes): `prompt_embeds (B, S, J)`, `pooled (B, P)`,
+`negative_prompt_embeds (B, S, J)`, `negative_pooled (B, P)` (CFG's unconditional branch), and for
+`start_points="interpolate"` also `x0 (B, H, W, C)` (a teacher sample or data latent); B must divide by
+the mesh's batch axes (`place_batch` puts a host batch there). `rng` is the run's base key
+(`jax.random.PRNGKey(config.seed)`), replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from flowsteer_jax import parallel
+from flowsteer_jax.distill import losses, ota
+from flowsteer_jax.distill.config import uses_discriminator
+from flowsteer_jax.distill.state import Graphs, make_optimizer, schedules
+from flowsteer_jax.flow.integrators import euler
+from flowsteer_jax.models.lora import set_lora_enabled
+
+STUDENT_STATES = ("one_step", "rollout")
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _repeat(tree, n: int):
+    return jax.tree.map(lambda x: jnp.concatenate([x] * n, axis=0), tree)
+
+
+def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_shape=None) -> Callable:
+    """The pure (un-jitted) step function; `make_step` jits it with shardings and donation."""
+    d, use_disc = config.distill, uses_discriminator(config)
+    if d.start_points not in ota.START_POINTS:
+        raise ValueError(f"distill.start_points {d.start_points!r} not in {ota.START_POINTS}")
+    if config.adv.student_states not in STUDENT_STATES:
+        raise ValueError(f"adv.student_states {config.adv.student_states!r} not in {STUDENT_STATES}")
+    if use_disc != (graphs.disc is not None):
+        raise ValueError("config's discriminator use (lambda_adv/lambda_fm) differs from the train state's")
+    latent_shape = tuple(config.model.latent_shape if latent_shape is None else latent_shape)
+    bounds = ota.window_boundaries(d.num_windows, d.schedule, d.shift)
+    grid, index = ota.teacher_grid(d.num_windows, int(d.teacher_steps), d.schedule, d.shift)
+    k = int(d.num_windows)
+    lam_adv, lam_fm = float(config.loss.lambda_adv), float(config.loss.lambda_fm)
+    rollout = config.adv.student_states == "rollout"
+    optimizer = make_optimizer(config)
+    lr_fns = schedules(config)
+    batch_sharding = parallel.batch_sharding(graphs.mesh, graphs.rules)
+
+    def model_fn(lora, base, enabled: bool):
+        # Merge (copying the Variables) at the call site: inside `lax.scan` / `jax.checkpoint` the Variables
+        # then belong to the inner trace, which the MMDiT's per-block `nnx.remat` needs (it writes them back).
+        def call(x, timestep, ctx, pooled):
+            model = nnx.merge(graphs.student, lora, base, copy=True)
+            return set_lora_enabled(model, enabled)(x, timestep, ctx, pooled)
+
+        return call
+
+    def velocity(model, cond):
+        return lambda x, sigma: model(x, sigma * 1000.0, cond["prompt_embeds"], cond["pooled"])
+
+    def disc_forward(disc_params, x, sigma, ctx, pooled, buffers):
+        return nnx.merge(graphs.disc, disc_params, buffers, copy=True)(x, sigma, ctx, pooled)
+
+    def loss_fn(params, frozen, starts, ends, cond, noise, key):
+        s_hi, s_lo = jnp.asarray(bounds[:-1]), jnp.asarray(bounds[1:])
+        b = noise.shape[0]
+        student = model_fn(params["lora"], frozen["base"], True)
+        v_star = losses.window_velocity(starts, ends, s_hi, s_lo)
+        t, z_t = losses.window_points(key, starts, v_star, s_hi, s_lo)
+        x_in, t_in, n_cond = _flat(z_t), _flat(t), k
+        one_step = use_disc and not rollout
+        if one_step:  # the window starts ride in the same student batch
+            x_in = jnp.concatenate([x_in, _flat(starts)])
+            t_in = jnp.concatenate([t_in, jnp.repeat(s_hi, b)])
+            n_cond = 2 * k
+        c = _repeat(cond, n_cond)
+        v = student(x_in, t_in * 1000.0, c["prompt_embeds"], c["pooled"])
+        aux = {"loss_dist": losses.velocity_loss(v[: k * b], _flat(v_star))}
+        total = aux["loss_dist"]
+        if not use_disc:
+            return total, aux
+        if rollout:
+            step_fn = jax.checkpoint(velocity(student, cond))
+            _, fake = euler(step_fn, noise, jnp.asarray(bounds), keep=tuple(range(1, k + 1)))
+        else:
+            fake = starts + losses._bcast(s_lo - s_hi, starts) * v[k * b :].reshape(starts.shape).astype(starts.dtype)
+        cd = _repeat(cond, 2 * k)
+        sig = jnp.tile(jnp.repeat(s_lo, b), 2)
+        x_d = jnp.concatenate([_flat(ends), _flat(fake.astype(ends.dtype))])
+        (logit_d, _), (logit_g, feats_g) = losses.split_gradients(
+            disc_forward, params["disc"], x_d, sig, cd["prompt_embeds"], cd["pooled"], frozen["disc"]
+        )
+        n = k * b
+        aux["loss_disc"] = losses.hinge_d_loss(logit_d[:n], logit_d[n:])
+        aux["loss_adv"] = losses.adversarial_loss(logit_g[n:])
+        aux["loss_fm"] = losses.feature_matching([f[:n] for f in feats_g], [f[n:] for f in feats_g])
+        aux["d_real"], aux["d_fake"] = jnp.mean(logit_d[:n]), jnp.mean(logit_d[n:])
+        aux["loss_student"] = total + lam_adv * aux["loss_adv"] + lam_fm * aux["loss_fm"]
+        return aux["loss_student"] + aux["loss_disc"], aux
+
+    def train_step(train_state, frozen, batch, rng):
+        step = train_state["step"]
+        k_noise, k_w, k_t = jax.random.split(jax.random.fold_in(rng, step), 3)
+        cond = {"prompt_embeds": batch["prompt_embeds"], "pooled": batch["pooled"]}
+        uncond = {"prompt_embeds": batch["negative_prompt_embeds"], "pooled": batch["negative_pooled"]}
+        b = cond["pooled"].shape[0]
+        noise = jax.random.normal(k_noise, (b, *latent_shape), jnp.float32)
+        noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
+        w = jax.random.uniform(k_w, (b,), jnp.float32, d.cfg_min, d.cfg_max)
+        params = train_state["params"]
+
+        teacher = model_fn(jax.lax.stop_gradient(params["lora"]), frozen["base"], False)
+        teacher_v = ota.teacher_velocity(teacher, cond, uncond, w)
+        if d.start_points == "ota":
+            states = ota.ota_states(teacher_v, noise, grid, index)
+            starts, ends = states[:-1], states[1:]
+        else:
+            starts, ends = ota.interpolate_segments(teacher_v, batch["x0"], noise, grid, index)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, starts, ends, cond, noise, k_t)
+        updates, opt_state = optimizer.update(grads, train_state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)  # noqa: E731
+        new_state = {
+            "step": step + 1,
+            "nonfinite": train_state["nonfinite"] + (~finite).astype(jnp.int32),
+            "params": keep(new_params, params),
+            "opt_state": keep(opt_state, train_state["opt_state"]),
+        }
+        metrics = {"loss": loss, "finite": finite.astype(jnp.float32), "windows": jnp.float32(k * b), **aux}
+        for name, fn in lr_fns.items():
+            metrics[f"grad_norm_{name}"] = optax.tree.norm(grads[name])
+            metrics[f"lr_{name}"] = jnp.asarray(fn(step), jnp.float32)
+        return new_state, {key: jnp.asarray(v, jnp.float32) for key, v in metrics.items()}
+
+    return train_step
+
+
+def make_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_shape=None, *, donate: bool = True):
+    """`jax.jit(train_step)` with the state's and batch's shardings in and out, the train state donated."""
+    fn = build_train_step(config, graphs, latent_shape)
+    rep = parallel.replicated(graphs.mesh)
+    return jax.jit(
+        fn,
+        in_shardings=(
+            graphs.state_shardings,
+            graphs.frozen_shardings,
+            parallel.batch_sharding(graphs.mesh, graphs.rules),
+            rep,
+        ),
+        out_shardings=(graphs.state_shardings, rep),
+        donate_argnums=(0,) if donate else (),
+    )

@@ -1,0 +1,185 @@
+"""FlowSteer's discriminator: the pretrained MMDiT's first `num_blocks` blocks (fully trainable) + one head.
+
+`D(z_sigma, sigma, prompt_embeds, pooled) -> (logits (B,), features)`: the trunk is an exact copy of the
+teacher's embedders and blocks `0 .. num_blocks-1` (same structure flags as in the full model, so block 11 of
+SD3-Medium keeps its context stream), conditioned on sigma and text the way the MMDiT is; `features` are the
+image tokens after every block (for feature matching); the head reads the last block's image tokens.
+
+Head (`head="conv"`, the default) — FastGen's `Discriminator_ImageDiT` head (reimplementation notes §3.3):
+tokens reshaped to the latent patch grid, `Conv 4x4 stride 2 (C -> C/2) -> GroupNorm -> LeakyReLU(0.2) ->
+Conv 1x1 (-> 1)`, then the mean over positions. Why: the paper puts a single head on the final block
+(Table 4) and compares trajectory states *locally*; a spatial head keeps the patch layout the tokens came
+from (a patch-GAN over the grid, any resolution or aspect), while SwD's token-mean MLP (`head="mlp"`, also
+available) averages the tokens away before judging. Unlike SANA-Sprint's StyleGAN-T head it has no batch
+statistics (BatchNormLocal), so one sample's logit never depends on the others: the loss is the same on any
+mesh and under any batch split. The trunk already conditions on sigma and text (adaLN, joint attention),
+so the head is unconditional, as in SANA-Sprint and FastGen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flowsteer_jax.models.layers import linear
+from flowsteer_jax.models.mmdit import (
+    REMAT_POLICIES,
+    JointTransformerBlock,
+    MMDiT,
+    MMDiTConfig,
+    PatchEmbed,
+    TimeTextEmbed,
+)
+
+HEADS = ("conv", "mlp")
+
+
+def _groups(channels: int, max_groups: int = 32) -> int:
+    return math.gcd(channels, max_groups)
+
+
+class ConvHead(nnx.Module):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32):
+        hidden = max(dim // 2, 1)
+        self.conv = nnx.Conv(
+            dim,
+            hidden,
+            (4, 4),
+            strides=(2, 2),
+            padding=((1, 1), (1, 1)),
+            param_dtype=param_dtype,
+            rngs=rngs,
+            kernel_metadata={"logical_axes": (None, None, "embed", "mlp")},
+            bias_metadata={"logical_axes": ("mlp",)},
+        )
+        self.norm = nnx.GroupNorm(
+            hidden,
+            num_groups=_groups(hidden),
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata={"logical_axes": ("mlp",)},
+            bias_metadata={"logical_axes": ("mlp",)},
+        )
+        self.out = nnx.Conv(
+            hidden,
+            1,
+            (1, 1),
+            param_dtype=param_dtype,
+            rngs=rngs,
+            kernel_metadata={"logical_axes": (None, None, "mlp", None)},
+        )
+
+    def __call__(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        b = tokens.shape[0]
+        x = tokens.astype(jnp.float32).reshape(b, *grid, tokens.shape[-1])
+        x = jax.nn.leaky_relu(self.norm(self.conv(x)), 0.2)
+        return self.out(x).mean(axis=(1, 2, 3))
+
+
+class MLPHead(nnx.Module):
+    """SwD's head: token mean, then `LayerNorm -> GELU -> Linear` with widths `linspace(C, 1, layers + 1)`."""
+
+    def __init__(self, dim: int, *, layers: int = 3, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32):
+        widths = [max(int(round(dim + (1 - dim) * i / layers)), 1) for i in range(layers + 1)]
+        self.norms = nnx.List(
+            [nnx.LayerNorm(w, param_dtype=param_dtype, rngs=rngs, scale_metadata={"logical_axes": (None,)},
+                           bias_metadata={"logical_axes": (None,)}) for w in widths[:-1]]
+        )  # fmt: skip
+        self.linears = nnx.List(
+            [
+                linear(a, b, (None, None), rngs=rngs, param_dtype=param_dtype)
+                for a, b in zip(widths[:-1], widths[1:], strict=True)
+            ]
+        )
+
+    def __call__(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        x = tokens.astype(jnp.float32).mean(axis=1)
+        for norm, lin in zip(self.norms, self.linears, strict=True):
+            x = lin(jax.nn.gelu(norm(x)))
+        return x[:, 0]
+
+
+class Discriminator(nnx.Module):
+    def __init__(
+        self,
+        cfg: MMDiTConfig,
+        num_blocks: int,
+        *,
+        head: str = "conv",
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype | None = None,
+        implementation: str | None = None,
+        remat_policy: str | None = None,
+    ):
+        if not 1 <= num_blocks <= cfg.num_layers:
+            raise ValueError(f"disc num_blocks={num_blocks} must be in [1, {cfg.num_layers}]")
+        if head not in HEADS:
+            raise ValueError(f"disc head {head!r} not in {HEADS}")
+        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {remat_policy!r} not in {[None, *REMAT_POLICIES]}")
+        param_dtype = dtype if param_dtype is None else param_dtype
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        d = cfg.inner_dim
+        self.config, self.num_blocks, self.dtype, self.remat_policy = cfg, num_blocks, dtype, remat_policy
+        # Same attribute names as MMDiT: the trunk's paths are the teacher's, so copying is path to path.
+        self.pos_embed = PatchEmbed(cfg, **kw)
+        self.time_text_embed = TimeTextEmbed(d, cfg.pooled_projection_dim, **kw)
+        self.context_embedder = linear(cfg.joint_attention_dim, d, (None, "embed"), **kw)
+        self.transformer_blocks = nnx.List(
+            [
+                JointTransformerBlock(
+                    cfg,
+                    context_pre_only=i == cfg.num_layers - 1,
+                    use_dual_attention=i in cfg.dual_attention_layers,
+                    implementation=implementation,
+                    **kw,
+                )
+                for i in range(num_blocks)
+            ]
+        )
+        # The head stays float32 (small; the logit feeds a hinge).
+        self.head = (ConvHead if head == "conv" else MLPHead)(d, rngs=rngs, param_dtype=jnp.float32)
+
+    @classmethod
+    def from_mmdit(cls, model: MMDiT, num_blocks: int, *, head: str = "conv", rngs: nnx.Rngs, **kw) -> Discriminator:
+        """A discriminator whose trunk is a *copy* (new buffers) of `model`'s first `num_blocks` blocks.
+
+        Compute dtype follows `model`; pass `param_dtype=jnp.float32` for fp32 master weights of a bf16 model.
+        """
+        kw.setdefault("dtype", model.dtype)
+        kw.setdefault("remat_policy", model.remat_policy)
+        disc = cls(model.config, num_blocks, head=head, rngs=rngs, **kw)
+        source = dict(nnx.to_flat_state(nnx.state(model)))
+        target = nnx.state(disc)
+        for path, var in nnx.to_flat_state(target):
+            if path[0] == "head":
+                continue
+            var.set_value(jnp.array(source[path].get_value(), dtype=var.get_value().dtype, copy=True))
+        nnx.update(disc, target)
+        return disc
+
+    def _run_block(self, block, x, ctx, temb):
+        if self.remat_policy is None:
+            return block(x, ctx, temb)
+        call = nnx.remat(lambda blk, *args: blk(*args), policy=REMAT_POLICIES[self.remat_policy])
+        return call(block, x, ctx, temb)
+
+    def __call__(
+        self, z: jax.Array, sigma: jax.Array, encoder_hidden_states: jax.Array, pooled_projections: jax.Array
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """z: (B, H, W, C) trajectory state at noise level sigma ((B,) or ()); -> (logits (B,), image features)."""
+        b, height, width, _ = z.shape
+        p = self.config.patch_size
+        timestep = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32) * 1000.0, (b,))
+        h = self.pos_embed(z.astype(self.dtype))
+        ctx = self.context_embedder(encoder_hidden_states.astype(self.dtype))
+        temb = self.time_text_embed(timestep, pooled_projections.astype(self.dtype))
+        feats = []
+        for block in self.transformer_blocks:
+            h, ctx = self._run_block(block, h, ctx, temb)
+            feats.append(h)
+        return self.head(h, (height // p, width // p)), feats

@@ -1,0 +1,143 @@
+"""LoRA adapters that keep the base model's parameter paths.
+
+`apply_lora(model, rank=..., alpha=..., targets=...)` swaps every targeted `nnx.Linear` for a `LoRALinear`
+that *takes over* the original `kernel`/`bias` Variables (same objects, same paths: `...attn.to_q.kernel`
+is still what `conversion/` expects) and adds `lora_a (in, r)` / `lora_b (r, out)` of type `nnx.LoRAParam`,
+so `nnx.split(model, nnx.LoRAParam, ...)` separates the adapters from the frozen base. `lora_b` starts at
+zero: a fresh student is the teacher, bit for bit.
+
+Teacher and student are the same module with a *static* switch: `set_lora_enabled(model, False)` makes
+every `LoRALinear` skip its low-rank branch entirely (no `x @ A @ B` in the compiled graph), so inside a
+jitted step `nnx.merge(graphdef, base, lora)` twice gives a teacher view and a student view of one copy of
+the base weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Attention projections (joint and, on SD3.5's dual-attention blocks, `attn2`) and both FFNs of every block.
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "net.0.proj",
+    "net.2",
+)
+DEFAULT_SCOPE = r"transformer_blocks\.\d+\..*"
+
+
+class LoRALinear(nnx.Linear):
+    """`nnx.Linear` plus `scale * (x @ lora_a) @ lora_b`, `scale = alpha / rank`; built from an existing Linear."""
+
+    def __init__(
+        self,
+        base: nnx.Linear,
+        *,
+        rank: int,
+        alpha: float,
+        rngs: nnx.Rngs,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        # Take over the base layer's Variables and settings: same objects, so no copy and unchanged paths.
+        for name, value in vars(base).items():
+            if not name.startswith("_"):
+                setattr(self, name, value)
+        in_axis, out_axis = (base.kernel.get_metadata().get("logical_axes") or (None, None))[-2:]
+        d_in, d_out = base.kernel.shape
+        # PEFT's default: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+        bound = 1.0 / d_in**0.5
+        a = jax.random.uniform(rngs.params(), (d_in, rank), param_dtype, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a, logical_axes=(in_axis, "lora_rank"))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, d_out), param_dtype), logical_axes=("lora_rank", out_axis))
+        self.lora_rank, self.lora_scale = rank, float(alpha) / rank
+        self.lora_enabled = True
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        y = super().__call__(inputs, out_sharding)
+        if not self.lora_enabled:
+            return y
+        dt = y.dtype
+        low = jnp.dot(inputs.astype(dt), self.lora_a[...].astype(dt), precision=self.precision)
+        delta = jnp.dot(low, self.lora_b[...].astype(dt), precision=self.precision)
+        return y + (self.lora_scale * delta).astype(dt)
+
+
+def _dotted(path: Sequence) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _matches(dotted: str, target: str) -> bool:
+    return dotted == target or dotted.endswith("." + target)
+
+
+def apply_lora(
+    model: nnx.Module,
+    *,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    scope: str = DEFAULT_SCOPE,
+    rngs: nnx.Rngs,
+    param_dtype: jnp.dtype = jnp.float32,
+) -> list[str]:
+    """Replace, in place, each `nnx.Linear` whose dotted path matches `scope` and ends with a target.
+
+    `targets` are dotted path suffixes (`"to_q"` matches `transformer_blocks.3.attn.to_q` and `...attn2.to_q`);
+    `scope` is a regex the whole path must match. Returns the replaced paths; a target that matches nothing
+    is an error (a typo would otherwise silently train nothing).
+    """
+    targets = tuple(targets)
+    found: list[tuple[tuple, nnx.Linear]] = []
+    used: set[str] = set()
+    for path, module in nnx.iter_modules(model):
+        if type(module) is not nnx.Linear:  # LoRALinear (already adapted) and other modules are skipped
+            continue
+        dotted = _dotted(path)
+        if not re.fullmatch(scope, dotted):
+            continue
+        hits = [t for t in targets if _matches(dotted, t)]
+        if hits:
+            used.update(hits)
+            found.append((path, module))
+    missing = [t for t in targets if t not in used]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no nnx.Linear under scope {scope!r}")
+    for path, module in found:
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        new = LoRALinear(module, rank=rank, alpha=alpha, rngs=rngs, param_dtype=param_dtype)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    return [_dotted(p) for p, _ in found]
+
+
+def lora_layers(model: nnx.Module) -> list[LoRALinear]:
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)]
+
+
+def set_lora_enabled(model: nnx.Module, enabled: bool) -> nnx.Module:
+    """Switch every adapter of `model` on (student) or off (teacher); static, so 'off' compiles no LoRA ops."""
+    for layer in lora_layers(model):
+        layer.lora_enabled = bool(enabled)
+    return model
+
+
+def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`(graphdef, lora, base)`: the adapters (`nnx.LoRAParam`, itself a `Param` subclass, so it goes first)."""
+    return nnx.split(model, nnx.LoRAParam, ...)
