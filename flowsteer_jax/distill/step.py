@@ -76,8 +76,8 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
     batch_sharding = parallel.batch_sharding(graphs.mesh, graphs.rules)
 
     def model_fn(lora, base, enabled: bool):
-        # Merge (copying the Variables) at the call site: inside `lax.scan` / `jax.checkpoint` the Variables
-        # then belong to the inner trace, which the MMDiT's per-block `nnx.remat` needs (it writes them back).
+        # Merge (copying the Variables) at the call site, so the Variables belong to whichever trace calls it
+        # (`lax.scan` in OTA, `jax.checkpoint` in rollout) instead of being shared across traces.
         def call(x, timestep, ctx, pooled):
             model = nnx.merge(graphs.student, lora, base, copy=True)
             return set_lora_enabled(model, enabled)(x, timestep, ctx, pooled)
