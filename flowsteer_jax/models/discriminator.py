@@ -32,6 +32,8 @@ from flowsteer_jax.models.mmdit import (
     MMDiTConfig,
     PatchEmbed,
     TimeTextEmbed,
+    embed_inputs,
+    run_block,
 )
 
 HEADS = ("conv", "mlp")
@@ -162,12 +164,6 @@ class Discriminator(nnx.Module):
         nnx.update(disc, target)
         return disc
 
-    def _run_block(self, block, x, ctx, temb):
-        if self.remat_policy is None:
-            return block(x, ctx, temb)
-        call = nnx.remat(lambda blk, *args: blk(*args), policy=REMAT_POLICIES[self.remat_policy])
-        return call(block, x, ctx, temb)
-
     def __call__(
         self, z: jax.Array, sigma: jax.Array, encoder_hidden_states: jax.Array, pooled_projections: jax.Array
     ) -> tuple[jax.Array, list[jax.Array]]:
@@ -175,11 +171,9 @@ class Discriminator(nnx.Module):
         b, height, width, _ = z.shape
         p = self.config.patch_size
         timestep = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32) * 1000.0, (b,))
-        h = self.pos_embed(z.astype(self.dtype))
-        ctx = self.context_embedder(encoder_hidden_states.astype(self.dtype))
-        temb = self.time_text_embed(timestep, pooled_projections.astype(self.dtype))
+        h, ctx, temb = embed_inputs(self, z, timestep, encoder_hidden_states, pooled_projections)
         feats = []
         for block in self.transformer_blocks:
-            h, ctx = self._run_block(block, h, ctx, temb)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
             feats.append(h)
         return self.head(h, (height // p, width // p)), feats

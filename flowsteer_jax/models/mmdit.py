@@ -200,6 +200,28 @@ class JointTransformerBlock(nnx.Module):
         return x, ctx
 
 
+def run_block(block: JointTransformerBlock, x: jax.Array, ctx: jax.Array, temb: jax.Array, remat_policy: str | None):
+    """One joint block, under `jax.checkpoint` with the named policy when `remat_policy` is set."""
+    if remat_policy is None:
+        return block(x, ctx, temb)
+    # Functional remat (split -> jax.checkpoint -> merge): nnx.remat writes Variables back, which fails when
+    # the model is closed over inside another transform (lax.scan in OTA, the pipeline's loop).
+    graphdef, state = nnx.split(block)
+    call = jax.checkpoint(lambda s, *args: nnx.merge(graphdef, s)(*args), policy=REMAT_POLICIES[remat_policy])
+    return call(state, x, ctx, temb)
+
+
+def embed_inputs(model: nnx.Module, x, timestep, encoder_hidden_states, pooled_projections):
+    """(image tokens, context tokens, conditioning vector) from a module with MMDiT's embedding layers."""
+    x = x.astype(model.dtype)
+    timestep = jnp.broadcast_to(jnp.asarray(timestep), (x.shape[0],))
+    return (
+        model.pos_embed(x),
+        model.context_embedder(encoder_hidden_states.astype(model.dtype)),
+        model.time_text_embed(timestep, pooled_projections.astype(model.dtype)),
+    )
+
+
 class MMDiT(nnx.Module):
     """SD3 / SD3.5 MMDiT. `implementation` picks the attention kernel, `remat_policy` the per-block remat."""
 
@@ -238,25 +260,6 @@ class MMDiT(nnx.Module):
         p = cfg.patch_size
         self.proj_out = linear(d, p * p * cfg.out_channels, ("embed", None), **kw)
 
-    def _run_block(self, block: JointTransformerBlock, x, ctx, temb):
-        if self.remat_policy is None:
-            return block(x, ctx, temb)
-        # Functional remat (split -> jax.checkpoint -> merge): nnx.remat writes Variables back, which fails when
-        # this model is closed over inside another transform (lax.scan in OTA, the pipeline's loop).
-        graphdef, state = nnx.split(block)
-        call = jax.checkpoint(lambda s, *args: nnx.merge(graphdef, s)(*args), policy=REMAT_POLICIES[self.remat_policy])
-        return call(state, x, ctx, temb)
-
-    def _embed(self, x, timestep, encoder_hidden_states, pooled_projections):
-        x = x.astype(self.dtype)
-        pooled = pooled_projections.astype(self.dtype)
-        timestep = jnp.broadcast_to(jnp.asarray(timestep), (x.shape[0],))
-        return (
-            self.pos_embed(x),
-            self.context_embedder(encoder_hidden_states.astype(self.dtype)),
-            self.time_text_embed(timestep, pooled),
-        )
-
     def block_features(
         self,
         x: jax.Array,
@@ -268,10 +271,10 @@ class MMDiT(nnx.Module):
         """(image tokens, context tokens) after each of the first `num_blocks` blocks; the rest never runs."""
         if not 1 <= num_blocks <= len(self.transformer_blocks):
             raise ValueError(f"num_blocks={num_blocks} must be in [1, {len(self.transformer_blocks)}]")
-        h, ctx, temb = self._embed(x, timestep, encoder_hidden_states, pooled_projections)
+        h, ctx, temb = embed_inputs(self, x, timestep, encoder_hidden_states, pooled_projections)
         out = []
         for block in self.transformer_blocks[:num_blocks]:
-            h, ctx = self._run_block(block, h, ctx, temb)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
             out.append((h, ctx))
         return out
 
@@ -284,9 +287,9 @@ class MMDiT(nnx.Module):
     ) -> jax.Array:
         """x: (B, H, W, C) latents; timestep: () or (B,) in [0, 1000]; returns the (B, H, W, C_out) velocity."""
         b, height, width, _ = x.shape
-        h, ctx, temb = self._embed(x, timestep, encoder_hidden_states, pooled_projections)
+        h, ctx, temb = embed_inputs(self, x, timestep, encoder_hidden_states, pooled_projections)
         for block in self.transformer_blocks:
-            h, ctx = self._run_block(block, h, ctx, temb)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
         scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: scale first
         h = self.proj_out(modulate(layer_norm(h), shift, scale))
         p, c = self.config.patch_size, self.config.out_channels
