@@ -12,6 +12,11 @@ from flowsteer_jax.models.layers import RMSNorm, linear
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
+def check_implementation(implementation: str | None) -> None:
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+
+
 class Attention(nnx.Module):
     """Multi-head attention over image tokens, optionally joint with context tokens (`joint=True`).
 
@@ -33,8 +38,7 @@ class Attention(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
     ):
-        if implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        check_implementation(implementation)
         self.heads, self.head_dim, self.implementation = heads, head_dim, implementation
         self.joint, self.context_out = joint, joint and context_out
         inner = heads * head_dim

@@ -26,12 +26,10 @@ from flax import nnx
 
 from flowsteer_jax.models.layers import linear
 from flowsteer_jax.models.mmdit import (
-    REMAT_POLICIES,
-    JointTransformerBlock,
     MMDiT,
     MMDiTConfig,
-    PatchEmbed,
-    TimeTextEmbed,
+    build_trunk,
+    check_remat_policy,
     embed_inputs,
     run_block,
 )
@@ -121,28 +119,13 @@ class Discriminator(nnx.Module):
             raise ValueError(f"disc num_blocks={num_blocks} must be in [1, {cfg.num_layers}]")
         if head not in HEADS:
             raise ValueError(f"disc head {head!r} not in {HEADS}")
-        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {remat_policy!r} not in {[None, *REMAT_POLICIES]}")
+        check_remat_policy(remat_policy)
         param_dtype = dtype if param_dtype is None else param_dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.inner_dim
         self.config, self.num_blocks, self.dtype, self.remat_policy = cfg, num_blocks, dtype, remat_policy
         # Same attribute names as MMDiT: the trunk's paths are the teacher's, so copying is path to path.
-        self.pos_embed = PatchEmbed(cfg, **kw)
-        self.time_text_embed = TimeTextEmbed(d, cfg.pooled_projection_dim, **kw)
-        self.context_embedder = linear(cfg.joint_attention_dim, d, (None, "embed"), **kw)
-        self.transformer_blocks = nnx.List(
-            [
-                JointTransformerBlock(
-                    cfg,
-                    context_pre_only=i == cfg.num_layers - 1,
-                    use_dual_attention=i in cfg.dual_attention_layers,
-                    implementation=implementation,
-                    **kw,
-                )
-                for i in range(num_blocks)
-            ]
-        )
+        build_trunk(self, cfg, num_blocks, implementation, **kw)
         # The head stays float32 (small; the logit feeds a hinge).
         self.head = (ConvHead if head == "conv" else MLPHead)(d, rngs=rngs, param_dtype=jnp.float32)
 

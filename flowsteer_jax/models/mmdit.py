@@ -200,6 +200,34 @@ class JointTransformerBlock(nnx.Module):
         return x, ctx
 
 
+def check_remat_policy(remat_policy: str | None) -> None:
+    if remat_policy is not None and remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {remat_policy!r} not in {[None, *REMAT_POLICIES]}")
+
+
+def build_trunk(module: nnx.Module, cfg: MMDiTConfig, num_blocks: int, implementation: str | None, **kw) -> None:
+    """Give `module` MMDiT's embedding layers and its first `num_blocks` joint blocks, under MMDiT's names.
+
+    Shared by MMDiT and the discriminator, whose trunk must have the same paths so it copies path to path.
+    """
+    d = cfg.inner_dim
+    module.pos_embed = PatchEmbed(cfg, **kw)
+    module.time_text_embed = TimeTextEmbed(d, cfg.pooled_projection_dim, **kw)
+    module.context_embedder = linear(cfg.joint_attention_dim, d, (None, "embed"), **kw)
+    module.transformer_blocks = nnx.List(
+        [
+            JointTransformerBlock(
+                cfg,
+                context_pre_only=i == cfg.num_layers - 1,
+                use_dual_attention=i in cfg.dual_attention_layers,
+                implementation=implementation,
+                **kw,
+            )
+            for i in range(num_blocks)
+        ]
+    )
+
+
 def run_block(block: JointTransformerBlock, x: jax.Array, ctx: jax.Array, temb: jax.Array, remat_policy: str | None):
     """One joint block, under `jax.checkpoint` with the named policy when `remat_policy` is set."""
     if remat_policy is None:
@@ -235,27 +263,12 @@ class MMDiT(nnx.Module):
         implementation: str | None = None,
         remat_policy: str | None = None,
     ):
-        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {remat_policy!r} not in {[None, *REMAT_POLICIES]}")
+        check_remat_policy(remat_policy)
         param_dtype = dtype if param_dtype is None else param_dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.inner_dim
         self.config, self.dtype, self.remat_policy = cfg, dtype, remat_policy
-        self.pos_embed = PatchEmbed(cfg, **kw)
-        self.time_text_embed = TimeTextEmbed(d, cfg.pooled_projection_dim, **kw)
-        self.context_embedder = linear(cfg.joint_attention_dim, d, (None, "embed"), **kw)
-        self.transformer_blocks = nnx.List(
-            [
-                JointTransformerBlock(
-                    cfg,
-                    context_pre_only=i == cfg.num_layers - 1,
-                    use_dual_attention=i in cfg.dual_attention_layers,
-                    implementation=implementation,
-                    **kw,
-                )
-                for i in range(cfg.num_layers)
-            ]
-        )
+        build_trunk(self, cfg, cfg.num_layers, implementation, **kw)
         self.norm_out = AdaLayerNorm(d, 2, **kw)
         p = cfg.patch_size
         self.proj_out = linear(d, p * p * cfg.out_channels, ("embed", None), **kw)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from conversion import clip as clip_table
-from flowsteer_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from flowsteer_jax.models.attention import check_implementation
 from flowsteer_jax.models.layers import activation, linear
 
 
@@ -177,8 +177,7 @@ class CLIPText(nnx.Module):
         param_dtype: jnp.dtype | None = None,
         implementation: str | None = None,
     ):
-        if implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        check_implementation(implementation)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype)
         self.config, self.dtype = cfg, dtype
         self.text_model = CLIPTextTransformer(cfg, implementation, **kw)

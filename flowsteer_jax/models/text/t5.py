@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from conversion import t5 as t5_table
-from flowsteer_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from flowsteer_jax.models.attention import check_implementation
 from flowsteer_jax.models.layers import activation, linear
 
 
@@ -196,8 +196,7 @@ class T5Encoder(nnx.Module):
         param_dtype: jnp.dtype | None = None,
         implementation: str | None = None,
     ):
-        if implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        check_implementation(implementation)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=dtype if param_dtype is None else param_dtype)
         self.config, self.dtype = cfg, dtype
         self.shared = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_metadata={"logical_axes": (None, "embed")}, **kw)
