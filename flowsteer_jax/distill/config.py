@@ -3,11 +3,26 @@
 Shape (all keys always present; `configs/` files override values, never add keys):
 
 - `seed`: base PRNG seed; step `i` uses `fold_in(PRNGKey(seed), i)`.
-- `model.remat_policy`: None | "full" | "dots" | "dots_all" (per-block remat of student, teacher and D).
-- `model.latent_shape`: (H, W, C) of the latents the step samples noise for (channels-last).
+- `world`: "sd3" (a diffusers SD3 folder + a prompt file) | "digits" (the embedded default, `configs/digits.py`).
+- `model.path`: the diffusers SD3 pipeline folder (transformer, text encoders, tokenizers, VAE, scheduler).
+  `model.dtype`: compute/storage dtype of the frozen base and text encoders ("bfloat16" | "float32").
+  `model.attention`: `jax.nn.dot_product_attention` implementation ("" = XLA's choice | "xla" | "cudnn").
+- `model.remat_policy`: "" (none) | "full" | "dots" | "dots_all" (per-block remat of student, teacher and D).
+- `model.latent_shape`: (H, W, C) of the latents the step samples noise for (channels-last); () = the
+  transformer's `sample_size` square with its `in_channels`.
+- `train.num_steps`, `train.batch_size` (global; divides by the mesh's data x fsdp devices and by the number of
+  processes), `train.max_bad_steps` (abort after this many non-finite steps in a row), `train.log_every`.
+- `checkpoint.every_steps` (also at the end and on SIGTERM/SIGINT), `checkpoint.keep` (newest kept).
+- `data.prompts`: a .txt / .jsonl / .parquet prompt file (`flowsteer_jax/data.py`); `data.shuffle`;
+  `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5 tokens);
+  `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there).
+- `eval.every_steps` (0: only at the end), `eval.prompts` (fixed prompts of the sample grid), `eval.seed`.
+- `distributed.coordinator_address` ("" = single process unless `distributed.auto`), `distributed.num_processes`,
+  `distributed.process_id`, `distributed.auto` (`jax.distributed.initialize()` from the environment: TPU pods,
+  SLURM, ...).
 - `lora.rank`, `lora.alpha` (scale = alpha / rank), `lora.targets` (dotted path suffixes, see
   `models/lora.py`), `lora.dtype` (adapter parameter dtype).
-- `distill.num_windows` K and `distill.schedule` ("rectified" | "diffusers") with `distill.shift`: the window
+- `distill.num_segments` K (windows) and `distill.schedule` ("rectified" | "diffusers") with `distill.shift`: the window
   boundaries `schedules.sigmas(K, schedule, shift)`, also the student's inference grid.
 - `distill.teacher_steps`: Euler steps of the teacher in total over [1, 0], on a grid that contains the
   boundaries (split as evenly as possible between windows in the unshifted time).
@@ -31,6 +46,13 @@ import ml_collections
 from flowsteer_jax.models.lora import DEFAULT_TARGETS
 from flowsteer_jax.parallel import DEFAULT_RULES
 
+EVAL_PROMPTS = (
+    "a photo of a red fox in the snow",
+    "an astronaut riding a horse on the moon",
+    "a bowl of ramen, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+)
+
 
 def _adamw(lr: float, weight_decay: float, clip_norm: float) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
@@ -51,11 +73,21 @@ def _adamw(lr: float, weight_decay: float, clip_norm: float) -> ml_collections.C
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(remat_policy=None, latent_shape=(128, 128, 16)))
+    c.world = "sd3"
+    c.model = ml_collections.ConfigDict(
+        dict(path="", dtype="bfloat16", attention="", remat_policy="", latent_shape=(128, 128, 16))
+    )
+    c.train = ml_collections.ConfigDict(dict(num_steps=10_000, batch_size=8, max_bad_steps=20, log_every=10))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
+    c.data = ml_collections.ConfigDict(
+        dict(prompts="", shuffle=True, negative_prompt="", max_sequence_length=256, cache_embeddings=False)
+    )
+    c.eval = ml_collections.ConfigDict(dict(every_steps=500, prompts=EVAL_PROMPTS, seed=1234))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0, auto=False))
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=64.0, targets=DEFAULT_TARGETS, dtype="float32"))
     c.distill = ml_collections.ConfigDict(
         dict(
-            num_windows=4,
+            num_segments=4,
             schedule="rectified",
             shift=3.0,
             teacher_steps=28,

@@ -86,7 +86,7 @@ def make_train_state(
     """
     mesh = parallel.mesh_from_config(config) if mesh is None else mesh
     rules = parallel.rules_from_config(config)
-    base_model.remat_policy = config.model.remat_policy
+    base_model.remat_policy = config.model.remat_policy or None
     rngs = nnx.Rngs(params=config.seed)
 
     params, frozen, disc_graph = {}, {}, None

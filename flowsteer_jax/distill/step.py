@@ -66,9 +66,9 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
     if use_disc != (graphs.disc is not None):
         raise ValueError("config's discriminator use (lambda_adv/lambda_fm) differs from the train state's")
     latent_shape = tuple(config.model.latent_shape if latent_shape is None else latent_shape)
-    bounds = ota.window_boundaries(d.num_windows, d.schedule, d.shift)
-    grid, index = ota.teacher_grid(d.num_windows, int(d.teacher_steps), d.schedule, d.shift)
-    k = int(d.num_windows)
+    bounds = ota.window_boundaries(d.num_segments, d.schedule, d.shift)
+    grid, index = ota.teacher_grid(d.num_segments, int(d.teacher_steps), d.schedule, d.shift)
+    k = int(d.num_segments)
     lam_adv, lam_fm = float(config.loss.lambda_adv), float(config.loss.lambda_fm)
     rollout = config.adv.student_states == "rollout"
     optimizer = make_optimizer(config)

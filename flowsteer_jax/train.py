@@ -1,0 +1,472 @@
+"""The FlowSteer training run.
+
+    python -m flowsteer_jax.train --config=configs/sd3_medium.py --workdir=runs/sd3m \\
+        --config.model.path=/data/sd3-medium --config.data.prompts=prompts.txt [--config.a.b=v ...]
+
+The config is locked: a mistyped `--config.` key is an error naming it. Starting with a `--workdir` that holds
+a checkpoint resumes it, bit for bit (same LoRA, discriminator, optimizer state, step, data position; the
+per-step noise is `fold_in(PRNGKey(seed), step)`), and refuses if the base model or the state's shapes
+changed. SIGTERM or SIGINT finishes the current step, saves a checkpoint and exits cleanly (exit code 0), so
+a preempted job simply reruns the same command.
+
+Per step: each process reads its slice of the global prompt batch (`data.py`), encodes it on its own devices
+(or reads cached embeddings), the slices become one global batch on the mesh, and the one jitted FlowSteer
+step (`distill/step.py`) runs. Process 0 alone writes logs: a tqdm bar, TensorBoard scalars in
+`WORKDIR/tb`, and every `eval.every_steps` a PNG grid of the student's few-step samples from fixed prompts
+and noise in `WORKDIR/samples/`. Orbax writes the checkpoint from every process. A step with a non-finite
+loss or gradient changes nothing (the step keeps the old state); `train.max_bad_steps` of them in a row abort
+the run with the last good checkpoint kept.
+
+A "world" supplies what differs between the real SD3 setting and the embedded digits default: the base
+transformer folder, the prompts, their encoder, the decoder for sample grids and (for PeRFlow's
+interpolated start points) data latents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+
+from flowsteer_jax import parallel
+from flowsteer_jax.checkpoint import Checkpointer
+from flowsteer_jax.data import EmbeddingCache, PromptLoader, load_prompts
+from flowsteer_jax.distill import make_step, make_train_state
+from flowsteer_jax.distill.ota import window_boundaries
+from flowsteer_jax.flow.integrators import euler
+from flowsteer_jax.models.lora import set_lora_enabled
+
+log = logging.getLogger("flowsteer_jax.train")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, tb/, samples/ (resumed if it has one)")
+
+Embeds = dict[str, np.ndarray]  # {"prompt_embeds": (B, S, J), "pooled": (B, P)}
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class World:
+    """What the run trains on. `encode` and `decode` run on the calling process's own devices."""
+
+    model_path: str  # what the checkpoint records as the base
+    transformer_folder: str  # diffusers `transformer/` folder of the base (teacher) weights
+    prompts: Sequence[str]  # the training items
+    encode: Callable[[list[str]], Embeds]
+    decode: Callable[[np.ndarray], np.ndarray]  # NHWC latents -> NHWC images in [0, 1]
+    latent_shape: tuple[int, int, int] | None = None  # None: from the config / the transformer
+    x0: Callable[[np.ndarray], np.ndarray] | None = None  # item indices -> data latents (PeRFlow start points)
+    eval_prompts: Sequence[str] | None = None  # None: config.eval.prompts
+    finish: Callable[..., None] | None = None  # after training, on every process: (config, workdir, student)
+    fingerprint: str = ""  # identifies prompts + encoder for the embedding cache
+
+
+def init_distributed(config: ml_collections.ConfigDict) -> None:
+    """`jax.distributed.initialize` when the config asks (before anything touches a device)."""
+    d = config.distributed
+    if d.coordinator_address:
+        if int(d.num_processes) > 1:
+            # Cross-process collectives on CPU need gloo; GPU/TPU clients ignore this setting.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=d.coordinator_address, num_processes=int(d.num_processes), process_id=int(d.process_id)
+        )
+    elif d.auto:
+        jax.distributed.initialize()
+
+
+def _file_fingerprint(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def sd3_world(config: ml_collections.ConfigDict, workdir: str) -> World:
+    """A diffusers SD3 folder (`model.path`) and a prompt file (`data.prompts`)."""
+    from flowsteer_jax.models.loading import load_vae
+    from flowsteer_jax.text import SD3PromptEncoder
+
+    path = config.model.path
+    if not path:
+        raise ValueError(
+            "set --config.model.path to a diffusers SD3 folder (or make a tiny one: "
+            "python -m flowsteer_jax.tools.tiny_model --out=DIR)"
+        )
+    if not os.path.isdir(os.path.join(path, "transformer")):
+        raise FileNotFoundError(f"model.path {path!r} has no transformer/ folder: not a diffusers SD3 pipeline")
+    if not config.data.prompts:
+        raise ValueError("set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
+    prompts = load_prompts(config.data.prompts)
+    dtype = jnp.dtype(config.model.dtype)
+    encoder = SD3PromptEncoder.from_pretrained(path, dtype)
+    max_len = int(config.data.max_sequence_length)
+
+    def encode(batch: list[str]) -> Embeds:
+        out = encoder.encode_prompt(batch, do_classifier_free_guidance=False, max_sequence_length=max_len)
+        return {"prompt_embeds": np.asarray(out.prompt_embeds), "pooled": np.asarray(out.pooled_prompt_embeds)}
+
+    vae_box: list = []
+
+    def decode(latents: np.ndarray) -> np.ndarray:
+        if not vae_box:  # loaded on first use: only process 0 draws sample grids
+            vae_box.append(load_vae(os.path.join(path, "vae"), dtype))
+        images = jax.jit(lambda z: vae_box[0].decode_latents(z))(jnp.asarray(latents, dtype))
+        return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
+
+    with open(config.data.prompts, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return World(
+        model_path=os.path.abspath(path),
+        transformer_folder=os.path.join(path, "transformer"),
+        prompts=prompts,
+        encode=encode,
+        decode=decode,
+        fingerprint=_file_fingerprint(os.path.abspath(path), digest, str(max_len), config.model.dtype),
+    )
+
+
+def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
+    if config.world == "sd3":
+        return sd3_world(config, workdir)
+    if config.world == "digits":
+        from flowsteer_jax.digits.world import digits_world
+
+        return digits_world(config, workdir)
+    raise ValueError(f"config.world {config.world!r} not in ('sd3', 'digits')")
+
+
+def _grid(images: np.ndarray, cols: int) -> np.ndarray:
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    out = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.float32)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        out[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
+    return out
+
+
+def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1) -> None:
+    """NHWC images in [0, 1] -> one PNG grid (written atomically)."""
+    from PIL import Image
+
+    grid = np.round(_grid(images, cols) * 255).astype(np.uint8)
+    if scale > 1:
+        grid = grid.repeat(scale, 0).repeat(scale, 1)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def make_sampler(graphs, bounds: np.ndarray) -> Callable:
+    """Jitted student sampling: one guidance-free Euler step per window, replicated output."""
+    rep = parallel.replicated(graphs.mesh)
+
+    def sample(lora, base, noise, prompt_embeds, pooled):
+        model = set_lora_enabled(nnx.merge(graphs.student, lora, base, copy=True), True)
+        return euler(lambda x, s: model(x, s * 1000.0, prompt_embeds, pooled), noise, jnp.asarray(bounds))
+
+    return jax.jit(sample, out_shardings=rep)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated global array as numpy on any process (multi-host arrays are not fully addressable)."""
+    return np.asarray(x.addressable_data(0))
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag the loop checks after each step; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stop_everywhere(local: bool) -> bool:
+    """All processes must agree to stop (a save is collective); the signal may reach only some of them."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def latent_shape_of(config: ml_collections.ConfigDict, world: World) -> tuple[int, int, int]:
+    if world.latent_shape is not None:
+        return tuple(world.latent_shape)
+    if tuple(config.model.latent_shape):
+        return tuple(int(v) for v in config.model.latent_shape)
+    with open(os.path.join(world.transformer_folder, "config.json")) as f:
+        tc = json.load(f)
+    return (int(tc["sample_size"]), int(tc["sample_size"]), int(tc["in_channels"]))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run (or resume) training in `workdir`; returns the last step's metrics (host floats) and `step`."""
+    from tqdm.auto import tqdm
+
+    from flowsteer_jax.models.loading import load_transformer
+
+    init_distributed(config)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    world = make_world(config, workdir)
+    latent_shape = latent_shape_of(config, world)
+    mesh = parallel.mesh_from_config(config)
+    rules = parallel.rules_from_config(config)
+    n_batch = int(np.prod([mesh.shape[a] for a in np.atleast_1d(rules.get("batch") or ()) if a]))
+    batch_size, procs = int(config.train.batch_size), jax.process_count()
+    if batch_size % max(n_batch, 1) or batch_size % procs:
+        raise ValueError(
+            f"train.batch_size={batch_size} must divide by the mesh's batch devices ({n_batch}) and by the "
+            f"number of processes ({procs})"
+        )
+    if config.distill.start_points == "interpolate" and world.x0 is None:
+        raise ValueError("distill.start_points='interpolate' (PeRFlow) needs data latents; this world has prompts only")
+
+    base = load_transformer(
+        world.transformer_folder,
+        jnp.dtype(config.model.dtype),
+        mesh=mesh,
+        rules=rules,
+        implementation=config.model.attention or None,
+    )
+    with open(os.path.join(world.transformer_folder, "config.json")) as f:
+        transformer_config = json.load(f)
+    train_state, frozen, graphs = make_train_state(config, base, mesh=mesh)
+    step_fn = make_step(config, graphs, latent_shape)
+    rng = jax.random.PRNGKey(int(config.seed))
+    config_json = _config_dict(config)
+    ckpt = Checkpointer(workdir, keep=int(config.checkpoint.keep))
+
+    loader_kw = dict(
+        seed=int(config.seed), shuffle=bool(config.data.shuffle), process_index=jax.process_index(), process_count=procs
+    )
+    position = 0
+    meta_base = {
+        "config": config_json,
+        "model_path": world.model_path,
+        "transformer_config": transformer_config,
+        "latent_shape": list(latent_shape),
+    }
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state)
+        train_state, meta = ckpt.restore(abstract, meta_base)
+        position = int(meta["data"]["position"])
+        if is_main:
+            log.info("resumed from %s at step %d", ckpt.directory, int(meta["step"]))
+    loader = PromptLoader(len(world.prompts), batch_size, position=position, **loader_kw)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_json, f, indent=2)
+
+    cache = None
+    if config.data.cache_embeddings:
+        cache = EmbeddingCache.build(
+            os.path.join(workdir, "embeddings"),
+            list(world.prompts),
+            world.encode,
+            fingerprint=world.fingerprint,
+            is_writer=is_main,
+        )
+    negative = world.encode([config.data.negative_prompt])
+    local_b = batch_size // procs
+    batch_sharding = parallel.batch_sharding(mesh, rules)
+
+    def next_batch() -> dict[str, jax.Array]:
+        idx = loader.next()
+        emb = cache.get(idx) if cache is not None else world.encode([world.prompts[i] for i in idx])
+        local = {
+            "prompt_embeds": emb["prompt_embeds"],
+            "pooled": emb["pooled"],
+            "negative_prompt_embeds": np.repeat(negative["prompt_embeds"], local_b, axis=0),
+            "negative_pooled": np.repeat(negative["pooled"], local_b, axis=0),
+        }
+        if config.distill.start_points == "interpolate":
+            local["x0"] = world.x0(idx)
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+    # Fixed evaluation prompts and noise: the grid shows the same samples at every evaluation.
+    eval_prompts = list(world.eval_prompts if world.eval_prompts is not None else config.eval.prompts)
+    sampler = make_sampler(
+        graphs, window_boundaries(config.distill.num_segments, config.distill.schedule, config.distill.shift)
+    )
+    eval_inputs = None
+    if eval_prompts:
+        e = world.encode(eval_prompts)
+        noise = jax.random.normal(jax.random.PRNGKey(int(config.eval.seed)), (len(eval_prompts), *latent_shape))
+        rep = parallel.replicated(mesh)
+        eval_inputs = [jax.device_put(np.asarray(v), rep) for v in (noise, e["prompt_embeds"], e["pooled"])]
+
+    def evaluate(step: int) -> None:
+        if eval_inputs is None:
+            return
+        latents = _host(sampler(train_state["params"]["lora"], frozen["base"], *eval_inputs))
+        if is_main:
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+            images = world.decode(latents)
+            save_grid(
+                os.path.join(workdir, "samples", f"step_{step:07d}.png"),
+                images,
+                cols=min(4, len(images)),
+                scale=max(1, 256 // max(images.shape[1:3])),
+            )
+
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def save(step: int) -> None:
+        ckpt.save(step, train_state, {**meta_base, "data": loader.state()})
+
+    num_steps = int(config.train.num_steps)
+    step = int(jax.device_get(train_state["step"]))
+    every_ckpt, every_eval = int(config.checkpoint.every_steps), int(config.eval.every_steps)
+    log_every, max_bad = max(int(config.train.log_every), 1), int(config.train.max_bad_steps)
+    bad_run, last_metrics, window_start, t0 = 0, {}, step, time.perf_counter()
+    stopped_by = None
+    with (
+        _StopSignal() as stop,
+        tqdm(total=num_steps, initial=step, disable=not is_main, desc="train", unit="step", dynamic_ncols=True) as bar,
+    ):
+        while step < num_steps:
+            batch = next_batch()
+            train_state, metrics = step_fn(train_state, frozen, batch, rng)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            bar.update(1)
+            bad_run = 0 if metrics["finite"] else bad_run + 1
+            if bad_run and is_main:
+                log.warning(
+                    "step %d: non-finite loss or gradient (%d in a row); the step changed nothing", step, bad_run
+                )
+            if max_bad and bad_run >= max_bad:
+                ckpt.wait()
+                last = ckpt.latest_step()
+                raise TrainingAborted(
+                    f"{bad_run} non-finite steps in a row (train.max_bad_steps={max_bad}) at step {step}; "
+                    f"the last good checkpoint is step {last} in {ckpt.directory}. Lower the learning rates "
+                    "(optim.lora.lr, optim.disc.lr) or check the data, then rerun to resume from it."
+                )
+            last_metrics = metrics
+            if writer is not None and (step % log_every == 0 or step == num_steps):
+                rate = (step - window_start) / max(time.perf_counter() - t0, 1e-9)
+                window_start, t0 = step, time.perf_counter()
+                for k, v in metrics.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("train/steps_per_s", rate, step)
+                writer.add_scalar("train/nonfinite_total", float(jax.device_get(train_state["nonfinite"])), step)
+                bar.set_postfix(
+                    {k: f"{metrics[k]:.4g}" for k in ("loss_dist", "loss_adv", "loss_fm", "loss_disc") if k in metrics}
+                )
+            if every_ckpt and step % every_ckpt == 0 and step < num_steps and not bad_run:
+                save(step)
+            if every_eval and step % every_eval == 0 and step < num_steps:
+                evaluate(step)
+            if _stop_everywhere(stop.signum is not None):
+                stopped_by = stop.signum or signal.SIGTERM
+                break
+        save(step)
+        ckpt.close()
+    if stopped_by is not None:
+        if is_main:
+            log.warning(
+                "stopped by %s at step %d; checkpoint saved in %s: rerun the same command to resume",
+                signal.Signals(stopped_by).name,
+                step,
+                ckpt.directory,
+            )
+    else:
+        evaluate(step)
+        if world.finish is not None:
+            student = nnx.merge(graphs.student, train_state["params"]["lora"], frozen["base"])
+            world.finish(config, workdir, set_lora_enabled(student, True))
+    if writer is not None:
+        writer.close()
+    return {"step": step, "stopped": stopped_by is not None, **last_metrics}
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # Orbax and absl log every checkpoint step at INFO; keep ours at INFO and theirs at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("flowsteer_jax").setLevel(logging.INFO)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=configs/<name>.py is required")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir=DIR is required")
+    try:
+        train(config, _WORKDIR.value)
+    except TrainingAborted as e:
+        print(f"training aborted: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a mistyped or ill-typed `--config.` override reported in one line (exit code 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        msg = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split()).strip("'\" ")
+        typo = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', msg)
+        if typo:
+            msg = f"unknown config key {typo.group(2)!r} (did you mean {typo.group(1)!r}?)"
+        elif isinstance(e, AttributeError | KeyError):
+            msg = f"unknown config key {msg!r}"
+        print(f"flowsteer_jax.train: bad flag: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

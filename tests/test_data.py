@@ -1,0 +1,355 @@
+"""Prompt files (formats and every error), the deterministic sharded loader, and the embedding cache."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flowsteer_jax.data import DataError, EmbeddingCache, PromptLoader, load_prompts
+
+# ---------------------------------------------------------------------------------------------------------------
+# load_prompts
+
+
+def test_txt(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("a cat  \n\n  \n  indented dog\r\nüñí\tcode\n last".encode())
+    assert load_prompts(str(path)) == ["a cat", "  indented dog", "üñí\tcode", " last"]
+
+
+def test_txt_bom_is_not_part_of_the_first_prompt(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbfhello\nworld\n")
+    assert load_prompts(str(path)) == ["hello", "world"]
+
+
+def test_jsonl(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [json.dumps({"prompt": "a cat", "id": 1}), "", json.dumps({"prompt": 'ünï "q"'}), "   "]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert load_prompts(str(path)) == ["a cat", 'ünï "q"']
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": [3, 4, 5], "prompt": ["a", "b ü", "c"]}), path)
+    assert load_prompts(str(path)) == ["a", "b ü", "c"]
+
+
+def test_parquet_dictionary_encoded(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": pa.array(["x", "y", "x"]).dictionary_encode()}), path)
+    assert load_prompts(str(path)) == ["x", "y", "x"]
+
+
+def _raises(path, *fragments):
+    with pytest.raises(DataError) as info:
+        load_prompts(str(path))
+    message = str(info.value)
+    for fragment in (path.name, *fragments):
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"one\ntwo\nth\xffree\nfour\n")
+    _raises(path, "line 3", "UTF-8")
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_bytes(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "\xc3"}\n')
+    _raises(jsonl, "line 3", "UTF-8")
+
+
+def test_bad_json_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b",}\n{"prompt": "c"}\n')
+    _raises(path, "line 2", "JSON")
+
+
+def test_missing_or_non_string_prompt_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
+    _raises(path, "line 3", "prompt")
+    path.write_text('{"prompt": "a"}\n{"prompt": 7}\n')
+    _raises(path, "line 2", "prompt", "int")
+    path.write_text('["a"]\n')
+    _raises(path, "line 1", "object")
+
+
+@pytest.mark.parametrize("name,content", [("e.txt", b"\n  \n\n"), ("e.jsonl", b""), ("e.txt", b"")])
+def test_empty_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    _raises(path, "no prompts")
+
+
+def test_empty_parquet(tmp_path):
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    _raises(path, "no prompts")
+
+
+def test_missing_file(tmp_path):
+    _raises(tmp_path / "nope.txt", "no such file")
+
+
+def test_unknown_extension(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("a\n")
+    _raises(path, ".csv")
+
+
+def test_unreadable(tmp_path):
+    (tmp_path / "dir.txt").mkdir()
+    _raises(tmp_path / "dir.txt", "not a regular file")
+    path = tmp_path / "garbage.parquet"
+    path.write_bytes(b"this is not parquet at all")
+    _raises(path, "parquet")
+
+
+def test_parquet_without_prompt_column(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), path)
+    _raises(path, "'prompt'", "text")
+
+
+def test_parquet_null_or_non_string_names_the_row(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", None, "d"]}), path)
+    _raises(path, "row 2", "null")
+    pq.write_table(pa.table({"prompt": [1, 2]}), path)
+    _raises(path, "row 0", "int")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PromptLoader
+
+
+def _take(loader, n):
+    return [loader.next() for _ in range(n)]
+
+
+def test_loader_is_deterministic_per_seed():
+    a = np.concatenate(_take(PromptLoader(100, 8, seed=3), 30))
+    b = np.concatenate(_take(PromptLoader(100, 8, seed=3), 30))
+    c = np.concatenate(_take(PromptLoader(100, 8, seed=4), 30))
+    assert a.dtype == np.int64
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_loader_stream_is_the_spec():
+    n, b = 7, 3
+    stream = np.concatenate([np.random.default_rng([11, e]).permutation(n) for e in range(6)])
+    got = np.concatenate(_take(PromptLoader(n, b, seed=11), 14))
+    assert np.array_equal(got, stream[: 14 * b])
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    n = 50
+    stream = np.concatenate(_take(PromptLoader(n, 10, seed=0), 20))  # 4 epochs
+    epochs = stream.reshape(4, n)
+    for e in epochs:
+        assert np.array_equal(np.sort(e), np.arange(n))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[0], np.arange(n))
+
+
+def test_batches_cross_epoch_boundaries():
+    loader = PromptLoader(5, 4, seed=1)
+    p = [np.random.default_rng([1, e]).permutation(5) for e in range(4)]
+    assert loader.epoch == 0
+    assert np.array_equal(loader.next(), p[0][:4])
+    assert loader.epoch == 0  # item 4 of epoch 0 still to come
+    assert np.array_equal(loader.next(), np.concatenate([p[0][4:], p[1][:3]]))
+    assert loader.epoch == 1
+    assert np.array_equal(loader.next(), np.concatenate([p[1][3:], p[2][:2]]))
+    assert loader.epoch == 2
+
+
+def test_batch_larger_than_dataset():
+    got = PromptLoader(2, 5, seed=0, shuffle=False).next()
+    assert np.array_equal(got, [0, 1, 0, 1, 0])
+
+
+def test_no_shuffle_is_arange():
+    loader = PromptLoader(5, 3, seed=9, shuffle=False)
+    assert np.array_equal(np.concatenate(_take(loader, 4)), [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
+
+
+def test_resume_from_state_continues_identically():
+    ref = _take(PromptLoader(13, 6, seed=5), 12)
+    loader = PromptLoader(13, 6, seed=5)
+    _take(loader, 5)
+    state = json.loads(json.dumps(loader.state()))  # it must survive a round trip through a checkpoint
+    assert state == {"position": 5, "seed": 5, "num_items": 13, "global_batch": 6}
+    resumed = PromptLoader(state["num_items"], state["global_batch"], seed=state["seed"], position=state["position"])
+    assert resumed.epoch == loader.epoch == 5 * 6 // 13
+    for expected, got in zip(ref[5:], _take(resumed, 7), strict=True):
+        assert np.array_equal(expected, got)
+    again = PromptLoader.from_state(state)
+    assert np.array_equal(next(again), ref[5])
+
+
+def test_process_slices_concatenate_to_the_global_batch():
+    one = PromptLoader(11, 6, seed=2)
+    parts = [PromptLoader(11, 6, seed=2, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(8):
+        local = [next(p) for p in parts]
+        assert [x.shape for x in local] == [(3,), (3,)]
+        assert np.array_equal(np.concatenate(local), one.next())
+    # A resume may change the host count: 3 processes from position 8 continue the same stream.
+    three = [PromptLoader(11, 6, seed=2, process_index=p, process_count=3, position=8) for p in range(3)]
+    assert np.array_equal(np.concatenate([p.next() for p in three]), one.next())
+
+
+def test_iterator():
+    loader = PromptLoader(4, 2, seed=0)
+    assert iter(loader) is loader
+    got = [b for _, b in zip(range(3), loader, strict=False)]
+    assert len(got) == 3 and loader.position == 3
+
+
+def test_loader_validation():
+    with pytest.raises(DataError, match="6.*4"):
+        PromptLoader(10, 6, seed=0, process_count=4)
+    with pytest.raises(DataError, match="num_items"):
+        PromptLoader(0, 4, seed=0)
+    with pytest.raises(DataError, match="global_batch"):
+        PromptLoader(10, 0, seed=0)
+    with pytest.raises(DataError, match="process_index"):
+        PromptLoader(10, 4, seed=0, process_index=2, process_count=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EmbeddingCache
+
+
+class Encoder:
+    """Deterministic fake text encoder that counts its calls."""
+
+    def __init__(self, scale=1.0):
+        self.calls = 0
+        self.scale = scale
+
+    def __call__(self, prompts):
+        self.calls += 1
+        codes = np.array([[sum(map(ord, p)), len(p)] for p in prompts], np.float32) * self.scale
+        return {
+            "prompt_embeds": np.repeat(codes[:, None, :], 3, axis=1).astype(np.float16),  # (B, 3, 2)
+            "pooled": codes,  # (B, 2)
+        }
+
+
+PROMPTS = [f"prompt number {i}" for i in range(10)]
+
+
+def test_cache_builds_once_and_reopens(tmp_path):
+    folder = str(tmp_path / "cache")
+    enc = Encoder()
+    cache = EmbeddingCache.build(folder, PROMPTS, enc, batch_size=4, fingerprint="f1")
+    assert enc.calls == 3  # ceil(10 / 4)
+    assert len(cache) == 10 and sorted(cache.keys) == ["pooled", "prompt_embeds"]
+    full = enc(PROMPTS)
+    idx = np.array([7, 0, 9, 3, 3])
+    got = cache.get(idx)
+    for key in full:
+        assert got[key].dtype == full[key].dtype
+        assert np.array_equal(got[key], full[key][idx])
+    assert not [e for e in os.listdir(tmp_path) if e != "cache"]  # no temporary folder left behind
+
+    enc2 = Encoder()
+    reopened = EmbeddingCache.build(folder, PROMPTS, enc2, batch_size=4, fingerprint="f1")
+    assert enc2.calls == 0
+    assert np.array_equal(reopened.get([1, 2])["prompt_embeds"], full["prompt_embeds"][[1, 2]])
+    assert isinstance(reopened._arrays["pooled"], np.memmap)  # read lazily, not loaded
+
+
+def test_cache_fingerprint_or_count_change_rebuilds(tmp_path, caplog):
+    folder = str(tmp_path / "cache")
+    EmbeddingCache.build(folder, PROMPTS, Encoder(), fingerprint="f1")
+    enc = Encoder(scale=2.0)
+    with caplog.at_level(logging.WARNING, logger="flowsteer_jax.data"):
+        cache = EmbeddingCache.build(folder, PROMPTS, enc, batch_size=64, fingerprint="f2")
+    assert enc.calls == 1
+    assert "rebuilding" in caplog.text
+    assert cache.fingerprint == "f2"
+    assert np.array_equal(cache.get([4])["pooled"], Encoder(2.0)(PROMPTS[4:5])["pooled"])
+    enc = Encoder()
+    cache = EmbeddingCache.build(folder, PROMPTS[:6], enc, fingerprint="f2")
+    assert enc.calls == 1 and len(cache) == 6
+    assert sorted(os.listdir(tmp_path)) == ["cache"]  # the stale cache was removed
+
+
+def test_incomplete_folders_are_not_used(tmp_path):
+    folder = tmp_path / "cache"
+    EmbeddingCache.build(str(folder), PROMPTS, Encoder(), fingerprint="f1")
+    # A crash after the arrays but before meta.json: the folder has data but is not complete.
+    os.remove(folder / "meta.json")
+    enc = Encoder()
+    EmbeddingCache.build(str(folder), PROMPTS, enc, fingerprint="f1")
+    assert enc.calls == 1
+    # A crashed build's temporary folder, even one holding a meta.json, is never opened; it gets cleaned up.
+    leftover = tmp_path / ".other.tmp-host-1-abc"
+    EmbeddingCache.build(str(tmp_path / "cache2"), PROMPTS, Encoder(), fingerprint="f1")
+    os.rename(tmp_path / "cache2", leftover)
+    enc = Encoder()
+    EmbeddingCache.build(str(tmp_path / "other"), PROMPTS, enc, fingerprint="f1")
+    assert enc.calls == 1
+    assert not leftover.exists()
+    with pytest.raises(DataError, match="meta.json"):
+        EmbeddingCache(str(leftover.parent / "missing"))
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    def broken(prompts):
+        if prompts[0] == PROMPTS[4]:
+            raise RuntimeError("encoder crashed")
+        return Encoder()(prompts)
+
+    with pytest.raises(RuntimeError):
+        EmbeddingCache.build(str(tmp_path / "cache"), PROMPTS, broken, batch_size=4, fingerprint="f1")
+    assert os.listdir(tmp_path) == []
+
+
+def test_inconsistent_encoder_output_errors(tmp_path):
+    def ragged(prompts):
+        return {"pooled": np.zeros((len(prompts), 2 + len(prompts)), np.float32)}
+
+    with pytest.raises(DataError, match="pooled"):
+        EmbeddingCache.build(str(tmp_path / "cache"), PROMPTS, ragged, batch_size=4, fingerprint="f1")
+
+
+def test_bfloat16_round_trip(tmp_path):
+    import ml_dtypes
+
+    values = np.arange(20, dtype=np.float32).reshape(10, 2).astype(ml_dtypes.bfloat16)
+    cache = EmbeddingCache.build(
+        str(tmp_path / "c"), PROMPTS, lambda p: {"x": values[: len(p)]}, batch_size=16, fingerprint="b"
+    )
+    got = EmbeddingCache(str(tmp_path / "c")).get([1, 3])["x"]
+    assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got, values[[1, 3]])
+    assert cache.get([0])["x"].dtype == ml_dtypes.bfloat16
+
+
+def test_non_writer_waits_for_the_writer(tmp_path, monkeypatch):
+    folder = str(tmp_path / "cache")
+    enc = Encoder()
+    sleeps = []
+
+    def fake_sleep(seconds):
+        # The "writer" finishes while the reader polls for the second time.
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            EmbeddingCache.build(folder, PROMPTS, Encoder(), fingerprint="f1")
+
+    monkeypatch.setattr("flowsteer_jax.data.time.sleep", fake_sleep)
+    cache = EmbeddingCache.build(folder, PROMPTS, enc, fingerprint="f1", is_writer=False, poll_s=0.5)
+    assert enc.calls == 0 and sleeps == [0.5, 0.5] and len(cache) == 10
+    with pytest.raises(DataError, match="waiting"):
+        EmbeddingCache.build(folder, PROMPTS, enc, fingerprint="f2", is_writer=False, timeout_s=0.0, poll_s=0.0)
+    assert enc.calls == 0

@@ -1,0 +1,268 @@
+"""The training run end to end on the tiny config: CLI, checkpoints, exact resume after kill -9 and SIGTERM,
+refusal of a changed config, the non-finite abort, and a 2-process (gloo, loopback) run equal to 1 process.
+
+Runs go through `python -m flowsteer_jax.train` in subprocesses (a fresh process per run, as users run it),
+sharing a persistent compilation cache so only the first run compiles.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.tiny_pipeline import write_tiny_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 12, 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    model = str(base / "tiny_sd3")
+    write_tiny_pipeline(model, seed=3)
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=ROOT,
+    )
+    return {"base": base, "model": model, "env": env}
+
+
+def _args(setup, workdir, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "flowsteer_jax.train",
+        "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+        f"--workdir={workdir}",
+        f"--config.model.path={setup['model']}",
+        "--config.data.prompts=" + os.path.join(ROOT, "configs", "prompts", "tiny.txt"),
+        f"--config.train.num_steps={STEPS}",
+        f"--config.checkpoint.every_steps={EVERY}",
+        *overrides,
+    ]
+
+
+def _start(setup, workdir, *overrides, env=None):
+    return subprocess.Popen(
+        _args(setup, workdir, *overrides),
+        env=env or setup["env"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run(setup, workdir, *overrides, timeout=600):
+    proc = _start(setup, workdir, *overrides)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def _steps(workdir) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def _state(workdir, step=None) -> dict:
+    """The whole saved train state (LoRA, discriminator, optimizer, counters) as flat numpy arrays."""
+    mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = mgr.latest_step() if step is None else step
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(restored.state)}
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _steps(workdir):
+            return
+        if proc.poll() is not None:
+            raise AssertionError("run ended before its first checkpoint: " + proc.stderr.read()[-3000:])
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    workdir = str(setup["base"] / "reference")
+    _run(setup, workdir)
+    return workdir
+
+
+def test_uninterrupted_run_writes_checkpoints_logs_and_samples(reference):
+    assert _steps(reference)[-1] == STEPS
+    assert len(_steps(reference)) == 3  # checkpoint.keep
+    state = _state(reference)
+    assert int(state["['step']"]) == STEPS
+    lora_b = {k: v for k, v in state.items() if k.startswith("['params']['lora']") and "lora_b" in k}
+    # Trained away from the zero init, except the context-pre-only last block's add_q_proj (its output is unused).
+    still_zero = sorted(k for k, v in lora_b.items() if not np.abs(v).any())
+    assert len(lora_b) > 10 and len(still_zero) == 1 and "add_q_proj" in still_zero[0], still_zero
+    assert any(k.startswith("['params']['disc']") for k in state)
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(reference, "tb")))
+    assert any(n.endswith(".png") for n in os.listdir(os.path.join(reference, "samples")))
+    assert os.path.isfile(os.path.join(reference, "config.json"))
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not different, f"{len(different)} leaves differ, e.g. {different[:3]}"
+
+
+def test_kill_9_then_resume_is_bit_identical(setup, reference):
+    workdir = str(setup["base"] / "killed")
+    proc = _start(setup, workdir)
+    _wait_for_checkpoint(proc, workdir)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _steps(workdir)
+    assert killed_at and killed_at[-1] < STEPS
+    # A half-written (uncommitted) checkpoint must never be picked up.
+    junk = os.path.join(workdir, "checkpoints", f"{STEPS - 1}.orbax-checkpoint-tmp-123")
+    os.makedirs(os.path.join(junk, "state"))
+    err = _run(setup, workdir)
+    assert f"resumed from {os.path.join(workdir, 'checkpoints')} at step {killed_at[-1]}" in err
+    _assert_same_state(_state(workdir), _state(reference))
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_bit_identical(setup, reference):
+    workdir = str(setup["base"] / "sigterm")
+    proc = _start(setup, workdir)
+    _wait_for_checkpoint(proc, workdir)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM" in err
+    stopped_at = _steps(workdir)[-1]
+    assert stopped_at < STEPS
+    _run(setup, workdir)
+    _assert_same_state(_state(workdir), _state(reference))
+
+
+def test_mistyped_key_is_an_error_naming_it(setup, tmp_path):
+    proc = subprocess.run(
+        _args(setup, str(tmp_path), "--config.train.num_step=3"),
+        env=setup["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "unknown config key 'num_step' (did you mean 'num_steps'?)" in proc.stderr
+
+
+def test_resume_refuses_a_changed_model_or_shapes(setup, reference):
+    proc = subprocess.run(
+        _args(setup, reference, "--config.lora.rank=2"),
+        env=setup["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "made by a different run" in proc.stderr and "lora.rank: 4 -> 2" in proc.stderr
+    other = str(setup["base"] / "other_sd3")
+    write_tiny_pipeline(
+        other,
+        seed=3,
+    )
+    # Same weights, different transformer config -> refused as a different base model.
+    import json
+
+    cfg_path = os.path.join(other, "transformer", "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["pos_embed_max_size"] = cfg["pos_embed_max_size"] + 2
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    proc = subprocess.run(
+        _args(setup, reference, f"--config.model.path={other}"),
+        env=setup["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "base model" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_non_finite_steps_abort_and_keep_the_last_good_checkpoint(setup, tmp_path):
+    workdir = str(tmp_path / "nan")
+    proc = subprocess.run(
+        _args(
+            setup,
+            workdir,
+            "--config.optim.lora.lr=1e38",
+            "--config.train.max_bad_steps=3",
+            "--config.checkpoint.every_steps=1",
+        ),
+        env=setup["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "3 non-finite steps in a row (train.max_bad_steps=3)" in proc.stderr
+    steps = _steps(workdir)
+    assert steps and steps[-1] < STEPS
+    assert "the last good checkpoint is step" in proc.stderr and f"step {steps[-1]} in" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(setup, workdir, *overrides):
+    port = _free_port()
+    procs = [
+        _start(
+            setup,
+            workdir,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+            *overrides,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return errs
+
+
+def test_two_processes_equal_one_and_resume_together(setup, reference):
+    workdir = str(setup["base"] / "two_procs")
+    _run_two_processes(setup, workdir, f"--config.train.num_steps={STEPS // 2}")
+    assert _steps(workdir)[-1] == STEPS // 2
+    errs = _run_two_processes(setup, workdir)
+    assert f"at step {STEPS // 2}" in errs[0]
+    ours, ref = _state(workdir), _state(reference)
+    assert ours.keys() == ref.keys()
+    for k in ours:
+        a, b = ours[k].astype(np.float64), ref[k].astype(np.float64)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(np.abs(b).max(), 1e-30), err_msg=k)
