@@ -116,7 +116,11 @@ def _get(config: dict, path: tuple[str, ...]) -> Any:
 def compatibility_problems(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between a checkpoint's meta and the meta this run would write."""
     problems = []
-    if saved.get("transformer_config") != current.get("transformer_config"):
+
+    def model(meta: dict) -> dict:  # config.json minus bookkeeping ("_diffusers_version", "_name_or_path")
+        return {k: v for k, v in (meta.get("transformer_config") or {}).items() if not k.startswith("_")}
+
+    if model(saved) != model(current):
         problems.append(
             f"base model: checkpoint used {saved.get('model_path')!r}, this run {current.get('model_path')!r} "
             "(their transformer config.json differ)"

@@ -1,11 +1,14 @@
 """Sample images from a diffusers SD3 folder with `SD3Pipeline` (teacher or distilled student).
 
     python -m flowsteer_jax.sample --model=FOLDER --prompts=FILE_OR_TEXT --steps=4 --schedule=rectified \
-        --guidance=0 --out=DIR [--batch=4] [--seed=0] [--height=H --width=W] [--dtype=float32|bfloat16]
+        --guidance=0 --out=DIR [--batch=4] [--seed=0] [--height=H --width=W] [--dtype=float32|bfloat16] \
+        [--lora=PATH [--lora_scale=1.0]]
 
 `--prompts` is a text file (one prompt a line; blank lines and lines starting with `#` skipped) or, if no such
 file exists, the prompt itself. Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress
-bar over batches. Image `i` uses noise from (`seed + i // batch`, `i % batch`), so reruns are reproducible.
+bar over batches. `--lora` applies a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest
+checkpoint), an exported folder (`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
+Image `i` uses noise from (`seed + i // batch`, `i % batch`), so reruns are reproducible.
 Without SD3 weights, try it on a tiny random pipeline: `python -m flowsteer_jax.tools.tiny_model --out=DIR`.
 """
 
@@ -62,14 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_sequence_length", type=int, default=256)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--no_t5", action="store_true", help="skip the T5 encoder (its tokens become zeros)")
-    p.add_argument("--lora", default=None, help="student LoRA (not available yet: comes with pipe.load_lora)")
+    p.add_argument("--lora", default=None, help="student LoRA: training workdir, exported folder or .safetensors")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="multiplies the LoRA's effect (with --lora)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.lora is not None:
-        print("--lora is not supported yet (SD3Pipeline.load_lora comes in a later issue)", file=sys.stderr)
+    if args.lora is not None and not os.path.exists(args.lora):
+        print(f"--lora={args.lora}: no such file or folder", file=sys.stderr)
         return 2
     if args.steps < 1 or args.batch < 1:
         print("--steps and --batch must be >= 1", file=sys.stderr)
@@ -81,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     pipe = SD3Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], t5=not args.no_t5)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if args.lora is not None:
+        from conversion.safetensors_io import ConversionError
+
+        try:
+            adapted = pipe.load_lora(args.lora, scale=args.lora_scale)
+        except (ConversionError, FileNotFoundError) as e:
+            print(f"--lora={args.lora}: {e}", file=sys.stderr)
+            return 2
+        print(f"applied LoRA {args.lora} to {len(adapted)} layers (scale {args.lora_scale:g})", file=sys.stderr)
     images: list[Image.Image] = []
     batches = range(0, len(prompts), args.batch)
     for k, start in enumerate(tqdm(batches, desc=f"sampling {len(prompts)} prompts", unit="batch")):

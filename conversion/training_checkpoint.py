@@ -1,0 +1,182 @@
+"""Read the LoRA adapters (and the run's metadata) out of a training workdir's orbax checkpoints.
+
+The trainer (`flowsteer_jax/checkpoint.py`) keeps an orbax `CheckpointManager` in `WORKDIR/checkpoints/`: one
+folder per step with two items, `state` (`StandardSave` of `{"step", "nonfinite", "params": {"lora", "disc"},
+"opt_state"}`) and `meta` (`JsonSave`: `step`, `config`, `transformer_config`, `model_path`, ...).
+`read_lora` restores `meta` and only the `params.lora` subtree of `state` (no optimizer state, no
+discriminator), as host numpy arrays keyed by dotted Flax path (`"transformer_blocks.0.attn.to_q.lora_a"`).
+
+numpy + orbax only: never imports flowsteer_jax (or torch).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from conversion.safetensors_io import ConversionError
+
+CHECKPOINTS = "checkpoints"
+ITEMS = ("state", "meta")
+META_REQUIRED = ("step", "config", "transformer_config")
+LORA_LEAVES = ("lora_a", "lora_b")
+
+
+class CheckpointError(ConversionError):
+    """A training checkpoint is missing, incomplete or not what a reader expects (the message names the folder)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """`WORKDIR/checkpoints` (the orbax manager's directory); `workdir` may also name that folder itself."""
+    if not os.path.isdir(workdir):
+        raise CheckpointError(f"{workdir}: no such directory (expected a training workdir with {CHECKPOINTS}/)")
+    inner = os.path.join(workdir, CHECKPOINTS)
+    if os.path.isdir(inner):
+        return inner
+    if os.path.basename(os.path.normpath(workdir)) == CHECKPOINTS:
+        return workdir
+    raise CheckpointError(f"{workdir}: no {CHECKPOINTS}/ folder (not a training workdir, or nothing saved yet)")
+
+
+def _steps_on_disk(directory: str) -> tuple[list[int], list[str]]:
+    """(committed step numbers, names of in-progress/aborted temporary step folders)."""
+    steps, partial = [], []
+    for name in os.listdir(directory):
+        if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+            steps.append(int(name))
+        elif re.match(r"^\d+\..*tmp", name):
+            partial.append(name)
+    return sorted(steps), sorted(partial)
+
+
+def _manager(directory: str):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        directory,
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(create=False),
+    )
+
+
+def resolve_step(workdir: str, step: int | None = None) -> tuple[str, int]:
+    """(checkpoint directory, step): the latest committed step unless `step`; checks the step folder's items."""
+    directory = checkpoint_dir(workdir)
+    steps, partial = _steps_on_disk(directory)
+    if step is None:
+        if not steps:
+            extra = f" (only unfinished step folders: {partial})" if partial else ""
+            raise CheckpointError(f"{directory}: no checkpoints{extra}")
+        step = steps[-1]
+    elif step not in steps:
+        unfinished = [p for p in partial if p.split(".")[0] == str(step)]
+        why = f"step {step} was not finished ({unfinished[0]})" if unfinished else f"step {step} not found"
+        raise CheckpointError(f"{directory}: {why}; available steps: {steps or 'none'}")
+    step_dir = os.path.join(directory, str(step))
+    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+    if missing:
+        raise CheckpointError(f"{step_dir}: incomplete checkpoint, missing item(s) {missing} (expected {list(ITEMS)})")
+    return directory, int(step)
+
+
+def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(tree, dict):
+        out: dict[tuple[str, ...], Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, (*prefix, str(k))))
+        return out
+    return {prefix: tree}
+
+
+def flat_lora_from_tree(tree: Any, source: str) -> dict[str, np.ndarray]:
+    """A restored `params["lora"]` tree (nested dicts; nnx.State leaves may be wrapped as `{"value": x}`) ->
+    `{"<module path>.lora_a": array, ...}`."""
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in _flatten(tree).items():
+        if path and path[-1] == "value":
+            path = path[:-1]
+        if not path or path[-1] not in LORA_LEAVES:
+            name = ".".join(path)
+            raise CheckpointError(f"{source}: unexpected LoRA parameter {name!r} (expected *.lora_a / *.lora_b)")
+        out[".".join(path)] = np.asarray(leaf)
+    if not out:
+        raise CheckpointError(f"{source}: the checkpoint holds no LoRA parameters")
+    return out
+
+
+def read_meta(workdir: str, step: int | None = None) -> dict:
+    """The `meta` item of a step (latest unless `step`), checked for the keys exporters rely on."""
+    import orbax.checkpoint as ocp
+
+    directory, step = resolve_step(workdir, step)
+    mgr = _manager(directory)
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        mgr.close()
+    return _check_meta(meta, os.path.join(directory, str(step), "meta"))
+
+
+def _check_meta(meta: Any, source: str) -> dict:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source}: meta is not a JSON object")
+    missing = [k for k in META_REQUIRED if k not in meta]
+    if missing:
+        raise CheckpointError(f"{source}: meta lacks {missing} (written by an older or different trainer?)")
+    lora = meta["config"].get("lora") if isinstance(meta["config"], dict) else None
+    if not isinstance(lora, dict) or not {"rank", "alpha"} <= set(lora):
+        raise CheckpointError(f"{source}: meta config has no lora.rank / lora.alpha")
+    return meta
+
+
+def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """`(flat LoRA params by dotted Flax path, meta dict)` of a training workdir's checkpoint.
+
+    Latest committed step unless `step`. Restores only `state.params.lora` (not the optimizer state or the
+    discriminator) onto the host as numpy arrays. Raises `CheckpointError` naming the folder when there are no
+    checkpoints, the step is absent (listing those available), or an item is missing.
+    """
+    import orbax.checkpoint as ocp
+
+    directory, step = resolve_step(workdir, step)
+    step_dir = os.path.join(directory, str(step))
+    mgr = _manager(directory)
+    try:
+        try:
+            tree = mgr.item_metadata(step)["state"]
+            tree = tree.tree if hasattr(tree, "tree") else tree
+            lora_md = tree["params"]["lora"]
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+            raise CheckpointError(f"{step_dir}/state: no params.lora in the saved state ({e!r})") from e
+        leaves = _flatten(_as_dict(lora_md))
+        item = {"params": {"lora": _unflatten({p: np.zeros(m.shape, m.dtype) for p, m in leaves.items()})}}
+        restore_args = {"params": {"lora": _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in leaves})}}
+        args = ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+            meta=ocp.args.JsonRestore(),
+        )
+        restored = mgr.restore(step, args=args)
+    finally:
+        mgr.close()
+    meta = _check_meta(restored["meta"], os.path.join(step_dir, "meta"))
+    return flat_lora_from_tree(restored["state"]["params"]["lora"], f"{step_dir}/state"), meta
+
+
+def _as_dict(tree: Any) -> Any:
+    """Orbax metadata trees are Mapping-like; turn them into plain nested dicts."""
+    if hasattr(tree, "items") and not hasattr(tree, "shape"):
+        return {str(k): _as_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out

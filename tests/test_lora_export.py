@@ -1,0 +1,485 @@
+"""LoRA to diffusers and back: training checkpoint -> PEFT file (+ fused transformer) -> diffusers, and into
+`SD3Pipeline.load_lora`, on a tiny random SD3 pipeline.
+
+A train state from `make_train_state` (discriminator included, to check it is never exported) gets random
+non-zero adapters and is saved in the trainer's orbax layout (`state` + `meta` items). `alpha / rank = 2`: folding
+a power of two into lora_B is exact in float32, so the round trips are checked bit for bit.
+
+Reusable for end-to-end tests: `lora_model_from_workdir(workdir)` rebuilds the student as training built it
+(`apply_lora` with the run's config), and `check_export(workdir, out, model)` exports and compares diffusers'
+forward (LoRA adapter and fused transformer) with it, returning the measured errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from conversion.export_to_diffusers import export, rectified_sigmas
+from conversion.lora import PEFT_FILE, from_peft, fuse, to_peft
+from conversion.safetensors_io import ConversionError
+from conversion.sd3_transformer import param_table
+from conversion.training_checkpoint import CheckpointError, read_lora
+from flowsteer_jax.distill.config import default_config
+from flowsteer_jax.distill.state import make_train_state
+from flowsteer_jax.models.loading import load_transformer
+from flowsteer_jax.models.lora import LoRALinear, apply_lora, lora_layers
+from flowsteer_jax.pipeline import SD3Pipeline
+from tests.tiny_pipeline import write_tiny_pipeline
+from tests.torch_reference import rel_err, to_np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RANK, ALPHA, STEP = 4, 8.0, 5
+PROMPTS = ["a photo of a red cat", "the blue cube on a sphere"]
+MAX_SEQ = 16
+
+
+# --- reusable helpers ---
+
+
+def flat_lora_of(model: nnx.Module) -> dict[str, np.ndarray]:
+    """`{"<module path>.lora_a": A, ...}` of every `LoRALinear` in `model` (host float arrays)."""
+    out = {}
+    for path, layer in nnx.iter_modules(model):
+        if isinstance(layer, LoRALinear):
+            name = ".".join(map(str, path))
+            out[f"{name}.lora_a"] = np.asarray(layer.lora_a[...])
+            out[f"{name}.lora_b"] = np.asarray(layer.lora_b[...])
+    return out
+
+
+def lora_model_from_workdir(workdir: str, step: int | None = None, model_folder: str | None = None):
+    """The student as training built it: base transformer + `apply_lora(run's rank/alpha/targets)` + saved values."""
+    flat, meta = read_lora(workdir, step)
+    folder = model_folder or meta["model_path"]
+    folder = os.path.join(folder, "transformer") if os.path.isdir(os.path.join(folder, "transformer")) else folder
+    model = load_transformer(folder, jnp.float32)
+    lo = meta["config"]["lora"]
+    apply_lora(model, rank=lo["rank"], alpha=lo["alpha"], targets=tuple(lo["targets"]), rngs=nnx.Rngs(0))
+    for path, layer in nnx.iter_modules(model):
+        if isinstance(layer, LoRALinear):
+            name = ".".join(map(str, path))
+            layer.lora_a.set_value(jnp.asarray(flat.pop(f"{name}.lora_a")))
+            layer.lora_b.set_value(jnp.asarray(flat.pop(f"{name}.lora_b")))
+    assert not flat, f"checkpoint adapters the run's targets do not produce: {sorted(flat)}"
+    return model, meta
+
+
+def transformer_inputs(config: dict, batch: int = 2, seq: int = 7, seed: int = 0):
+    """NCHW latents, timesteps, text tokens, pooled: random inputs for both libraries."""
+    r = np.random.default_rng(seed)
+    s, c = config["sample_size"], config["in_channels"]
+    x = r.standard_normal((batch, c, s, s)).astype(np.float32)
+    t = np.array([900.0, 250.0][:batch] + [500.0] * max(batch - 2, 0), np.float32)
+    ctx = r.standard_normal((batch, seq, config["joint_attention_dim"])).astype(np.float32)
+    pooled = r.standard_normal((batch, config["pooled_projection_dim"])).astype(np.float32)
+    return x, t, ctx, pooled
+
+
+@jax.jit
+def _jit_forward(graphdef, state, x, t, ctx, pooled):
+    return nnx.merge(graphdef, state)(x, t, ctx, pooled)
+
+
+def ours_forward(model, inputs) -> np.ndarray:
+    """Our MMDiT on NCHW inputs (jitted: a LoRA-applied model has the same graph each time)."""
+    x, t, ctx, pooled = inputs
+    graphdef, state = nnx.split(model)
+    out = _jit_forward(graphdef, state, jnp.asarray(x.transpose(0, 2, 3, 1)), t, ctx, pooled)
+    return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+def torch_forward(model, inputs) -> np.ndarray:
+    x, t, ctx, pooled = (torch.from_numpy(a) for a in inputs)
+    with torch.no_grad():
+        return to_np(model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t).sample)
+
+
+@contextlib.contextmanager
+def captured_warnings():
+    """Everything diffusers/peft/transformers log at WARNING+ and every `warnings.warn`, as a list of strings."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield messages
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)
+    messages += [str(w.message) for w in caught]
+
+
+def key_problems(messages: list[str]) -> list[str]:
+    """Warnings about unexpected/missing/mismatched keys. The pipeline's note that the *text encoders* got no LoRA
+    keys (a transformer-only LoRA, by design) is not one."""
+    words = ("unexpected", "missing", "not found", "mismatch", "incompatible")
+    benign = "No LoRA keys associated to CLIPTextModel"
+    return [m for m in messages if any(w in m.lower() for w in words) and not m.startswith(benign)]
+
+
+def check_export(workdir: str, out: str, model=None, *, fuse: bool = True, step: int | None = None) -> dict:
+    """Export `workdir` to `out` and compare diffusers' forward (LoRA adapter, and fused) with `model`.
+
+    `model`: our LoRA-applied MMDiT (default `lora_model_from_workdir`). Asserts the file's keys and shapes are
+    PEFT's, that diffusers loads it without key warnings, and returns `{"adapter": rel_err, "fused": rel_err}`.
+    """
+    if model is None:
+        model, meta = lora_model_from_workdir(workdir, step)
+    else:
+        meta = read_lora(workdir, step)[1]
+    export(workdir, out, step=step, do_fuse=fuse)
+    tconf = meta["transformer_config"]
+    table = {e.torch_key: e for e in param_table(tconf)}
+    with safe_open(os.path.join(out, PEFT_FILE), framework="np") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    adapted = {".".join(map(str, p)): m.kernel.shape for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)}
+    want = {}
+    for path, (d_in, d_out) in adapted.items():
+        torch_name = next(e.torch_key for e in table.values() if e.flax_path[:-1] == tuple(_keys(path)))[:-7]
+        want[f"transformer.{torch_name}.lora_A.weight"] = (meta["config"]["lora"]["rank"], d_in)
+        want[f"transformer.{torch_name}.lora_B.weight"] = (d_out, meta["config"]["lora"]["rank"])
+    assert shapes == want
+
+    inputs = transformer_inputs(tconf)
+    ref = ours_forward(model, inputs)
+    base = meta["model_path"]
+    base = os.path.join(base, "transformer") if os.path.isdir(os.path.join(base, "transformer")) else base
+    errors = {}
+    tm = SD3Transformer2DModel.from_pretrained(base).eval()
+    with captured_warnings() as messages:
+        tm.load_lora_adapter(out, prefix="transformer", weight_name=PEFT_FILE)
+    assert not key_problems(messages), messages
+    errors["adapter"] = rel_err(torch_forward(tm, inputs), ref)
+    if fuse:
+        fused = SD3Transformer2DModel.from_pretrained(os.path.join(out, "transformer")).eval()
+        errors["fused"] = rel_err(torch_forward(fused, inputs), ref)
+    return errors
+
+
+def _keys(dotted: str) -> list:
+    return [int(k) if k.isdigit() else k for k in dotted.split(".")]
+
+
+def save_workdir(workdir: str, pipeline_folder: str, *, rank: int = RANK, alpha: float = ALPHA, step: int = STEP):
+    """A train state with random non-zero adapters, saved in the trainer's orbax layout; returns its flat LoRA."""
+    transformer = os.path.join(pipeline_folder, "transformer")
+    with open(os.path.join(transformer, "config.json")) as f:
+        tconf = json.load(f)
+    c = default_config()
+    c.lora.rank, c.lora.alpha = rank, alpha
+    c.model.latent_shape = (tconf["sample_size"], tconf["sample_size"], tconf["in_channels"])
+    if "path" in c.model:
+        c.model.path = pipeline_folder
+    c.disc.num_blocks = 1  # keep the discriminator: it must not be exported
+    state, _, _ = make_train_state(c, load_transformer(transformer, jnp.float32))
+    assert "disc" in state["params"]
+    leaves, treedef = jax.tree.flatten(state["params"]["lora"])
+    r = np.random.default_rng(1)
+    new = []
+    for leaf in leaves:  # lora_a (in, r) then lora_b (r, out) in some order: O(1) effect either way
+        fan = leaf.shape[0]
+        new.append(jnp.asarray(r.standard_normal(leaf.shape).astype(np.float32) * 0.5 / np.sqrt(fan)))
+    state["params"]["lora"] = jax.tree.unflatten(treedef, new)
+    meta = {
+        "step": step,
+        "config": json.loads(json.dumps(c.to_dict())),
+        "transformer_config": tconf,
+        "model_path": pipeline_folder,
+    }
+    mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    mgr.wait_until_finished()
+    mgr.close()
+    flat = {}
+    for path, var in nnx.to_flat_state(state["params"]["lora"]):
+        flat[".".join(map(str, path))] = np.asarray(var.get_value() if hasattr(var, "get_value") else var)
+    return flat
+
+
+# --- fixtures ---
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_export")
+    folder = str(root / "sd3")
+    write_tiny_pipeline(folder, with_t5=False)
+    workdir = str(root / "run")
+    flat = save_workdir(workdir, folder)
+    out = str(root / "export")
+    return dict(root=root, folder=folder, workdir=workdir, flat=flat, out=out)
+
+
+@pytest.fixture(scope="module")
+def student(world):
+    return lora_model_from_workdir(world["workdir"])
+
+
+@pytest.fixture(scope="module")
+def ours(world):
+    return SD3Pipeline.from_pretrained(world["folder"], dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def exported(world, student):
+    model, _ = student
+    errors = check_export(world["workdir"], world["out"], model, fuse=True)
+    return errors
+
+
+# --- tests ---
+
+
+def test_read_lora_restores_only_adapters(world):
+    flat, meta = read_lora(world["workdir"])
+    assert meta["step"] == STEP and meta["config"]["lora"]["rank"] == RANK
+    assert flat.keys() == world["flat"].keys()
+    assert all(k.endswith((".lora_a", ".lora_b")) and k.startswith("transformer_blocks.") for k in flat)
+    for k, v in flat.items():
+        np.testing.assert_array_equal(v, world["flat"][k])
+        assert isinstance(v, np.ndarray) and v.dtype == np.float32
+
+
+def test_export_matches_diffusers_forward(world, exported):
+    # keys/shapes, no key warnings: checked inside check_export
+    print(f"diffusers forward vs ours: {exported}")
+    assert exported["adapter"] <= 1e-4, exported
+    assert exported["fused"] <= 1e-4, exported
+    with safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as f:
+        keys = list(f.keys())
+    assert not any("disc" in k or "alpha" in k for k in keys)
+    readme = open(os.path.join(world["out"], "README.md")).read()
+    assert "sigmas = [1.0, 0.9, 0.75, 0.5]" in readme and "guidance_scale=0.0" in readme
+    assert rectified_sigmas(4, 3.0) == [1.0, 0.9, 0.75, 0.5]
+    assert rectified_sigmas(2, 5.0) == [1.0, float(str(np.float32(5 / 6)))]
+    assert os.path.isfile(os.path.join(world["out"], "transformer", "config.json"))
+
+
+def test_fused_sharded_and_dtype(world, student, tmp_path):
+    model, meta = student
+    out = str(tmp_path / "fused")
+    export(world["workdir"], out, do_fuse=True, dtype="bf16", max_shard_bytes=20_000)
+    tdir = os.path.join(out, "transformer")
+    assert os.path.isfile(os.path.join(tdir, "diffusion_pytorch_model.safetensors.index.json"))
+    fused = SD3Transformer2DModel.from_pretrained(tdir, torch_dtype=torch.bfloat16).eval()
+    assert all(p.dtype == torch.bfloat16 for p in fused.parameters())
+    inputs = transformer_inputs(meta["transformer_config"])
+    err = rel_err(torch_forward(fused.float(), inputs), ours_forward(model, inputs))
+    assert err < 0.05, err  # bf16 weights
+
+
+def test_diffusers_pipeline_sampling_matches_load_lora(world, exported, ours):
+    ref = StableDiffusion3Pipeline.from_pretrained(world["folder"], text_encoder_3=None, tokenizer_3=None)
+    ref.set_progress_bar_config(disable=True)
+    with captured_warnings() as messages:
+        ref.load_lora_weights(world["out"])
+    assert not key_problems(messages), messages
+    readme_sigmas = rectified_sigmas(4, 3.0)
+    ref.scheduler = FlowMatchEulerDiscreteScheduler.from_config(ref.scheduler.config, shift=1.0)
+    noise = np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32)
+    want = ref(
+        prompt=PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=0.0,
+        sigmas=readme_sigmas,
+        latents=torch.from_numpy(noise),
+        max_sequence_length=MAX_SEQ,
+        output_type="latent",
+    ).images
+    np.testing.assert_array_equal(to_np(ref.scheduler.sigmas), np.asarray([*readme_sigmas, 0.0], np.float32))
+    np.testing.assert_array_equal(to_np(ref.scheduler.sigmas), ours.sigmas(4, "rectified"))
+
+    kw = dict(
+        num_inference_steps=4, guidance_scale=0.0, schedule="rectified", latents=noise, max_sequence_length=MAX_SEQ
+    )
+    plain = np.asarray(ours(PROMPTS, output_type="latent", **kw))
+    results = {}
+    for source in (world["workdir"], world["out"], os.path.join(world["out"], PEFT_FILE)):
+        adapted = ours.load_lora(source)
+        assert len(adapted) == len(world["flat"]) // 2 == len(lora_layers(ours.transformer))
+        results[source] = np.asarray(ours(PROMPTS, output_type="latent", **kw))
+        err = rel_err(results[source], to_np(want))
+        print(f"4-step rectified sampling vs diffusers, LoRA from {os.path.basename(source)}: rel err {err:.2e}")
+        assert err <= 1e-4, (source, err)
+    assert rel_err(plain, to_np(want)) > 1e-2  # the LoRA matters
+    # workdir (scale alpha/rank on the layer) vs exported file (scale folded into B): 2x is exact in float32
+    np.testing.assert_array_equal(results[world["workdir"]], results[world["out"]])
+    # scale 0 is the base model; loading again replaced the adapters instead of stacking them
+    ours.load_lora(world["out"], scale=0.0)
+    np.testing.assert_array_equal(np.asarray(ours(PROMPTS, output_type="latent", **kw)), plain)
+
+
+def test_round_trips_bit_exact(world, student, ours):
+    model, meta = student
+    tconf = meta["transformer_config"]
+    flat = world["flat"]
+    back, rank = from_peft(to_peft(flat, 1.0, tconf), tconf)
+    assert rank == RANK and back.keys() == flat.keys()
+    for k in flat:
+        np.testing.assert_array_equal(back[k], flat[k])
+    # the exported file: scale 2 folded into B, exact
+    with safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    back, _ = from_peft(sd, tconf)
+    for k in flat:
+        np.testing.assert_array_equal(back[k], flat[k] * (2.0 if k.endswith("lora_b") else 1.0))
+
+    # load_lora into a fresh pipeline reproduces the training-built student's forward bit for bit
+    pipe = ours
+    pipe.load_lora(world["out"])
+    inputs = transformer_inputs(tconf)
+    np.testing.assert_array_equal(ours_forward(pipe.transformer, inputs), ours_forward(model, inputs))
+    pipe.load_lora(world["workdir"])
+    loaded = flat_lora_of(pipe.transformer)
+    assert loaded.keys() == flat.keys() and all(np.array_equal(loaded[k], flat[k]) for k in flat)
+    np.testing.assert_array_equal(ours_forward(pipe.transformer, inputs), ours_forward(model, inputs))
+
+    # down/up naming, no prefix, with alpha keys (alpha / r = 0.5 folded back: exact)
+    old = {}
+    for k, v in sd.items():
+        name = k.removeprefix("transformer.")
+        if name.endswith(".lora_A.weight"):
+            module = name[: -len(".lora_A.weight")]
+            old[f"{module}.lora.down.weight"] = v
+            old[f"{module}.alpha"] = np.asarray(v.shape[0] * 0.5, np.float32)
+        else:
+            old[name.replace(".lora_B.weight", ".lora.up.weight")] = v * np.float32(2.0)
+    path = str(world["root"] / "old_naming.safetensors")
+    save_file(old, path)
+    pipe.load_lora(path)
+    np.testing.assert_array_equal(ours_forward(pipe.transformer, inputs), ours_forward(model, inputs))
+
+    # fuse on Flax flat params equals fuse on the torch state dict (transposed)
+    tsd = {
+        e.torch_key: np.random.default_rng(0).standard_normal(e.torch_shape).astype(np.float32)
+        for e in param_table(tconf)
+        if e.kind == "linear"
+    }
+    fsd = {e.flax_path: tsd[e.torch_key].T for e in param_table(tconf) if e.kind == "linear"}
+    ft, ff = fuse(tsd, flat, 2.0, tconf), fuse(fsd, flat, 2.0, tconf)
+    for e in param_table(tconf):
+        if e.kind == "linear":
+            np.testing.assert_array_equal(ft[e.torch_key].T, ff[e.flax_path])
+
+
+def test_strict_errors(world, tmp_path):
+    tconf = read_lora(world["workdir"])[1]["transformer_config"]
+    with safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    bad = dict(sd)
+    bad["transformer.transformer_blocks.0.attn.to_qq.lora_A.weight"] = next(iter(sd.values()))
+    with pytest.raises(ConversionError, match=r"to_qq.*maps to no Linear"):
+        from_peft(bad, tconf)
+    bad = {k: v for k, v in sd.items() if not k.endswith("to_k.lora_B.weight")}
+    with pytest.raises(ConversionError, match=r"transformer_blocks.0.attn.to_k.*needs both"):
+        from_peft(bad, tconf)
+    bad = {**sd, "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": np.zeros(3, np.float32)}
+    with pytest.raises(ConversionError, match="lora_magnitude_vector.*not a LoRA key"):
+        from_peft(bad, tconf)
+    path = str(tmp_path / "bad.safetensors")
+    save_file({**sd, "transformer.pos_embed.proj.lora_A.weight": np.zeros((4, 2), np.float32)}, path)
+    pipe = SD3Pipeline.__new__(SD3Pipeline)  # load_lora needs only the transformer
+    pipe.transformer, pipe.mesh = load_transformer(os.path.join(world["folder"], "transformer")), None
+    with pytest.raises(ConversionError, match=r"(?s)bad.safetensors.*pos_embed.proj"):
+        pipe.load_lora(path)
+    assert not lora_layers(pipe.transformer)  # a bad file changes nothing
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        pipe.load_lora(str(tmp_path / "nowhere"))
+
+    # checkpoints: none, unknown step, incomplete step
+    with pytest.raises(CheckpointError, match=r"no checkpoints/ folder"):
+        read_lora(str(tmp_path))
+    os.makedirs(tmp_path / "empty" / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"empty/checkpoints: no checkpoints"):
+        read_lora(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match=rf"step 99 not found; available steps: \[{STEP}\]"):
+        read_lora(world["workdir"], 99)
+    partial = tmp_path / "partial"
+    shutil.copytree(world["workdir"], partial)
+    shutil.rmtree(partial / "checkpoints" / str(STEP) / "meta")
+    with pytest.raises(CheckpointError, match=rf"partial/checkpoints/{STEP}: incomplete checkpoint.*'meta'"):
+        read_lora(str(partial))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """The exporter as users run it, checking it imports neither torch nor flowsteer_jax."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['conversion/export_to_diffusers.py', *{list(args)!r}]\n"
+        "try:\n    runpy.run_path('conversion/export_to_diffusers.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    rc = e.code\n"
+        "bad = [m for m in ('torch', 'flowsteer_jax') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_cli(world, tmp_path):
+    out = str(tmp_path / "cli")
+    proc = _cli(f"--checkpoint={world['workdir']}", f"--out={out}", f"--step={STEP}")
+    assert proc.returncode == 0, proc.stderr
+    with (
+        safe_open(os.path.join(out, PEFT_FILE), framework="np") as f,
+        safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as g,
+    ):
+        assert set(f.keys()) == set(g.keys())
+        assert all(np.array_equal(f.get_tensor(k), g.get_tensor(k)) for k in f.keys())
+    assert not os.path.exists(os.path.join(out, "transformer"))
+
+    missing = str(tmp_path / "no_run")
+    proc = _cli(f"--checkpoint={missing}", f"--out={out}")
+    assert proc.returncode == 2 and "no_run: no such directory" in proc.stderr, proc.stderr
+
+    other = tmp_path / "other"  # a base with another transformer config
+    os.makedirs(other / "transformer")
+    with open(os.path.join(world["folder"], "transformer", "config.json")) as f:
+        raw = json.load(f)
+    with open(other / "transformer" / "config.json", "w") as f:
+        json.dump({**raw, "num_layers": 3}, f)
+    proc = _cli(f"--checkpoint={world['workdir']}", f"--out={out}", f"--model={other}", "--fuse")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{other}/transformer/config.json" in proc.stderr and "num_layers: base 3 vs checkpoint 2" in proc.stderr
+
+
+def test_sample_cli_lora(world, exported, ours, tmp_path, monkeypatch):
+    from flowsteer_jax import sample
+
+    monkeypatch.setattr(SD3Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: ours))
+    ours.load_lora(world["workdir"])
+
+    base = [f"--model={world['folder']}", "--prompts=a red cat", "--steps=2", "--batch=1", f"--out={tmp_path}"]
+    base.append(f"--max_sequence_length={MAX_SEQ}")
+    assert sample.main([*base, f"--lora={tmp_path / 'nope'}"]) == 2
+    assert sample.main([*base, f"--lora={world['out']}", "--lora_scale=0.5"]) == 0
+    assert os.path.isfile(tmp_path / "00000.png")
+    layers = lora_layers(ours.transformer)  # --lora replaced the adapters, with --lora_scale on the layer
+    assert len(layers) == len(world["flat"]) // 2 and all(layer.lora_scale == 0.5 for layer in layers)
