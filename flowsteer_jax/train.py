@@ -55,9 +55,6 @@ from flowsteer_jax.models.lora import set_lora_enabled
 
 log = logging.getLogger("flowsteer_jax.train")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, tb/, samples/ (resumed if it has one)")
-
 Embeds = dict[str, np.ndarray]  # {"prompt_embeds": (B, S, J), "pooled": (B, P)}
 
 
@@ -77,7 +74,7 @@ class World:
     latent_shape: tuple[int, int, int] | None = None  # None: from the config / the transformer
     x0: Callable[[np.ndarray], np.ndarray] | None = None  # item indices -> data latents (PeRFlow start points)
     eval_prompts: Sequence[str] | None = None  # None: config.eval.prompts
-    finish: Callable[..., None] | None = None  # after training, on every process: (config, workdir, student)
+    finish: Callable[..., Any] | None = None  # after training, every process: (config, workdir, student, stats)
     fingerprint: str = ""  # identifies prompts + encoder for the embedding cache
 
 
@@ -373,6 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     every_ckpt, every_eval = int(config.checkpoint.every_steps), int(config.eval.every_steps)
     log_every, max_bad = max(int(config.train.log_every), 1), int(config.train.max_bad_steps)
     bad_run, last_metrics, window_start, t0 = 0, {}, step, time.perf_counter()
+    timed = {"first": None, "start": 0.0, "windows": 0.0}  # throughput after the first (compiling) step
     stopped_by = None
     with (
         _StopSignal() as stop,
@@ -384,6 +382,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
             bar.update(1)
+            if timed["first"] is None:
+                timed["first"], timed["start"] = step, time.perf_counter()
+            else:
+                timed["windows"] += metrics["windows"]
             bad_run = 0 if metrics["finite"] else bad_run + 1
             if bad_run and is_main:
                 log.warning(
@@ -415,6 +417,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if _stop_everywhere(stop.signum is not None):
                 stopped_by = stop.signum or signal.SIGTERM
                 break
+        timed["end"] = time.perf_counter()
         save(step)
         ckpt.close()
     if stopped_by is not None:
@@ -428,8 +431,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
         evaluate(step)
         if world.finish is not None:
+            seconds = timed["end"] - timed["start"] if timed["first"] is not None else 0.0
+            stats = {"steps": step, "seconds": seconds, "windows_per_s": timed["windows"] / max(seconds, 1e-9)}
             student = nnx.merge(graphs.student, train_state["params"]["lora"], frozen["base"])
-            world.finish(config, workdir, set_lora_enabled(student, True))
+            world.finish(config, workdir, set_lora_enabled(student, True), stats)
     if writer is not None:
         writer.close()
     return {"step": step, "stopped": stopped_by is not None, **last_metrics}
@@ -441,13 +446,13 @@ def main(argv: Sequence[str]) -> None:
     # Orbax and absl log every checkpoint step at INFO; keep ours at INFO and theirs at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("flowsteer_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
-    if not _WORKDIR.value:
+    if not workdir:
         raise app.UsageError("--workdir=DIR is required")
     try:
-        train(config, _WORKDIR.value)
+        train(config, workdir)
     except TrainingAborted as e:
         print(f"training aborted: {e}", file=sys.stderr)
         sys.exit(3)
@@ -468,5 +473,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def define_flags() -> None:
+    """The CLI's flags (defined only when run as a program: importing this module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run folder: checkpoints, tb/, samples/ (resumed if it has one)")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=_parse_flags)

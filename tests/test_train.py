@@ -53,6 +53,7 @@ def _args(setup, workdir, *overrides):
         "--config.data.prompts=" + os.path.join(ROOT, "configs", "prompts", "tiny.txt"),
         f"--config.train.num_steps={STEPS}",
         f"--config.checkpoint.every_steps={EVERY}",
+        "--config.data.cache_embeddings=True",
         *overrides,
     ]
 
@@ -126,6 +127,7 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_samples(reference):
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(reference, "tb")))
     assert any(n.endswith(".png") for n in os.listdir(os.path.join(reference, "samples")))
     assert os.path.isfile(os.path.join(reference, "config.json"))
+    assert os.path.isfile(os.path.join(reference, "embeddings", "meta.json"))
 
 
 def _assert_same_state(a: dict, b: dict):
@@ -253,6 +255,7 @@ def _run_two_processes(setup, workdir, *overrides):
             workdir,
             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
             "--config.distributed.num_processes=2",
+            "--config.data.cache_embeddings=False",  # the per-step encoding path (the reference used the cache)
             f"--config.distributed.process_id={i}",
             *overrides,
         )
@@ -278,3 +281,12 @@ def test_two_processes_equal_one_and_resume_together(setup, reference):
         a, b = ours[k].astype(np.float64), ref[k].astype(np.float64)
         tol = 1e-4 if k.startswith("['params']['lora']") else 1e-3
         assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-30), k
+
+
+def test_trained_student_exports_to_diffusers(reference, tmp_path):
+    """Issue 8's round trip on a real training run: diffusers loads the exported LoRA (and the fused transformer)
+    and its forward equals our student's."""
+    from tests.test_lora_export import check_export
+
+    errors = check_export(reference, str(tmp_path / "export"))
+    assert errors["adapter"] <= 1e-4 and errors["fused"] <= 1e-4, errors
