@@ -1,0 +1,177 @@
+"""The digits world as the trainer sees it (`config.world = "digits"`), and its end-of-run report.
+
+`digits_world(config, workdir)` pretrains the teacher if `digits.teacher_dir` (default `WORKDIR/teacher`) has
+none, and hands `train.py` the same things an SD3 folder gives it: the teacher's diffusers `transformer/`
+folder, prompts (a fixed pool of training-split pairs; their real images are PeRFlow's `x0`), the SD3
+conditioning path of the world's encoders, and an identity "VAE". After training, `report` samples the
+fixed evaluation set with the teacher (28 and 4 steps) and the student (4 steps), scores them
+(`evaluate.py`) and writes `report.md`, `metrics.json`, `samples/<name>.npz` and PNG grids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from flowsteer_jax.digits import data, evaluate, teacher, text
+from flowsteer_jax.models.loading import load_transformer
+from flowsteer_jax.train import World, save_grid
+
+GRID = 32  # evaluation samples shown in each PNG grid (the first of the fixed evaluation set)
+
+
+def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.digits.teacher_dir or os.path.join(workdir, "teacher")
+
+
+def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
+    folder = teacher_dir(config, workdir)
+    if not teacher.is_complete(folder):
+        d = config.digits
+        teacher.pretrain_teacher(
+            folder,
+            steps=int(d.teacher_train_steps),
+            batch_size=int(d.teacher_batch_size),
+            seed=int(d.teacher_seed),
+            text_seed=int(d.text_seed),
+        )
+    return folder
+
+
+def digits_world(config: ml_collections.ConfigDict, workdir: str) -> World:
+    d = config.digits
+    folder = ensure_teacher(config, workdir)
+    pool = data.sample_pairs(np.random.default_rng(int(d.pool_seed)), int(d.pool_size), "train")
+
+    def encode(prompts: list[str]) -> dict[str, np.ndarray]:
+        embeds, pooled = text.encode(prompts, seed=int(d.text_seed))
+        return {"prompt_embeds": embeds, "pooled": pooled}
+
+    ev = evaluate.eval_set(16, seed=int(config.eval.seed))
+    return World(
+        model_path=os.path.abspath(folder),
+        transformer_folder=folder,
+        prompts=pool.prompts,
+        encode=encode,
+        decode=lambda latents: np.asarray(data.to_unit(np.asarray(latents, np.float32))),
+        latent_shape=data.IMAGE_SHAPE,
+        x0=lambda idx: pool.images[idx],
+        eval_prompts=ev.prompts,
+        finish=report,
+        fingerprint=f"digits-text{d.text_seed}-pool{d.pool_seed}-{d.pool_size}",
+    )
+
+
+def _samples(name: str, workdir: str, make, eval_digits: np.ndarray, cache: str | None) -> np.ndarray:
+    """Images for `name` (written to `samples/<name>.npz` and `.png`): read from `cache` if it holds them for
+    these prompts (the teacher's never change: the ablation's runs share them), else `make()`."""
+    images = None
+    if cache and os.path.isfile(cache):
+        with np.load(cache) as f:
+            if np.array_equal(f["digits"], eval_digits):
+                images = f["images"]
+    if images is None:
+        images = np.asarray(make(), np.float32)[..., 0]
+        if cache:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            evaluate.save_samples(cache, images, eval_digits)
+    evaluate.save_samples(os.path.join(workdir, "samples", f"{name}.npz"), images, eval_digits)
+    save_grid(os.path.join(workdir, "samples", f"{name}.png"), images[:GRID, ..., None], cols=8, scale=8)
+    return images
+
+
+def evaluate_models(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module | None) -> dict:
+    """Sample and score the teacher rows (and the student when given) on the fixed evaluation set."""
+    d = config.digits
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    ev = evaluate.eval_set(int(d.eval_samples), seed=evaluate.EVAL_SEED)
+    cond = text.encode_with_uncond(ev.prompts, seed=int(d.text_seed))
+    folder = teacher_dir(config, workdir)
+    base = load_transformer(folder)
+    shift, w = float(config.distill.shift), float(d.teacher_guidance)
+    rows = {  # name -> (model, steps, schedule, guidance)
+        "teacher_28_diffusers": (base, 28, "diffusers", w),
+        "teacher_4_diffusers": (base, 4, "diffusers", w),
+        "teacher_4_rectified": (base, 4, "rectified", w),
+    }
+    if student is not None:
+        k = int(config.distill.num_segments)
+        rows[f"student_{k}"] = (student, k, config.distill.schedule, 0.0)
+    images, metrics = {}, {}
+    for name, (model, steps, schedule, guidance) in rows.items():
+
+        def make(model=model, steps=steps, schedule=schedule, guidance=guidance):
+            return evaluate.sample(
+                model, cond, ev.noise, steps=steps, schedule=schedule, shift=shift, guidance=guidance
+            )
+
+        cache = None
+        if model is base:
+            cache = os.path.join(folder, "samples", f"{name}_w{guidance:g}_shift{shift:g}_n{len(ev.prompts)}.npz")
+        images[name] = _samples(name, workdir, make, ev.digits, cache)
+        nfe = steps * (2 if guidance > 1 else 1)
+        ref = None if name == "teacher_28_diffusers" else images["teacher_28_diffusers"]
+        metrics[name] = {
+            **evaluate.evaluate(images[name], ev.digits, ref),
+            "nfe": nfe,
+            "schedule": schedule,
+            "guidance": guidance,
+        }
+    return metrics
+
+
+REPORT_ROWS = (
+    ("teacher_28_diffusers", "teacher, 28 steps, diffusers schedule, CFG"),
+    ("teacher_4_diffusers", "teacher, 4 steps, diffusers schedule, CFG"),
+    ("teacher_4_rectified", "teacher, 4 steps, rectified schedule, CFG"),
+    ("student_4", "FlowSteer student, 4 steps, no CFG"),
+)
+
+
+def metrics_table(metrics: dict) -> str:
+    lines = [
+        "| samples | NFE | prompt accuracy | FD (classifier features) | MSE to teacher-28 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, label in REPORT_ROWS:
+        if name in metrics:
+            m = metrics[name]
+            mse = f"{m['mse_to_reference']:.4f}" if "mse_to_reference" in m else "—"
+            lines.append(f"| {label} | {m['nfe']} | {m['accuracy']:.3f} | {m['fd']:.2f} | {mse} |")
+    return "\n".join(lines)
+
+
+def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module, stats: dict) -> dict:
+    """Evaluate, then write `metrics.json` and `report.md` (called by the trainer at the end of the run)."""
+    metrics = evaluate_models(config, workdir, student)
+    tmeta = teacher.teacher_meta(teacher_dir(config, workdir))
+    out = {"rows": metrics, "training": stats, "teacher": tmeta}
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    d = config.distill
+    lines = [
+        "# FlowSteer in the digits world",
+        "",
+        f"Evaluation: {config.digits.eval_samples} fixed prompts and noises; prompt accuracy = both digits right "
+        "(classifier trained on the training split), FD against held-out real pairs.",
+        "",
+        metrics_table(metrics),
+        "",
+        f"Distillation: {stats.get('steps')} steps of batch {config.train.batch_size}, {d.num_segments} segments "
+        f"({d.schedule} schedule, shift {d.shift}), start points {d.start_points}, teacher CFG "
+        f"U[{d.cfg_min}, {d.cfg_max}], lambda_adv {config.loss.lambda_adv}, lambda_fm {config.loss.lambda_fm}; "
+        f"{stats.get('seconds', 0):.0f} s ({stats.get('windows_per_s', 0):.1f} trained windows/s).",
+        f"Teacher: {tmeta.get('steps', '?')} flow-matching steps of batch {tmeta.get('batch_size', '?')}, "
+        f"{tmeta.get('train_seconds', 0):.0f} s to pretrain.",
+        "",
+        "Grids (first 32 evaluation prompts, same noise in every grid): "
+        + ", ".join(f"`samples/{name}.png`" for name, _ in REPORT_ROWS if name in metrics),
+    ]
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
