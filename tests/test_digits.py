@@ -3,6 +3,8 @@ sampling and the samples file format."""
 
 from __future__ import annotations
 
+import os
+
 import jax  # noqa: F401  (before torch: conftest imports it first too)
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,54 @@ def test_sample_shapes_ranges_and_npz(tiny_teacher, tmp_path):
         assert f["images"].shape == (12, 8, 16) and f["images"].dtype == np.float32
         assert f["digits"].shape == (12, 2) and np.issubdtype(f["digits"].dtype, np.integer)
         np.testing.assert_array_equal(f["images"], out[..., 0])
+
+
+def test_digits_run_end_to_end_and_ablation(tmp_path):
+    """A shortened digits run (the README's first command with few steps): teacher pretraining, FlowSteer
+    distillation, report, samples in the documented format; the trained student exports to diffusers; then
+    the ablation runner on two Table 5 rows and Table 2, sharing the teacher."""
+    import json
+
+    from flowsteer_jax.digits import ablate
+    from flowsteer_jax.train import train
+    from tests.test_lora_export import check_export
+    from tests.test_train import _load_config
+
+    config = _load_config("digits")
+    short = dict(teacher_train_steps=20, eval_samples=40)
+    config.digits.update(short)
+    config.train.update(num_steps=3, batch_size=4)
+    config.checkpoint.every_steps = 2
+    workdir = str(tmp_path / "digits")
+    out = train(config, workdir)
+    assert out["step"] == 3 and not out["stopped"]
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    names = (
+        "teacher_28_diffusers",
+        "teacher_4_diffusers",
+        "teacher_4_rectified",
+        "teacher_4_rectified_nocfg",
+        "student_4",
+    )
+    assert set(metrics["rows"]) == set(names)
+    for name in names:
+        with np.load(os.path.join(workdir, "samples", f"{name}.npz")) as f:
+            assert f["images"].dtype == np.float32 and f["images"].shape == (40, 8, 16)
+            assert 0 <= f["images"].min() and f["images"].max() <= 1
+            assert f["digits"].shape == (40, 2) and np.issubdtype(f["digits"].dtype, np.integer)
+        assert os.path.isfile(os.path.join(workdir, "samples", f"{name}.png"))
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "FlowSteer student, 4 steps, no CFG" in report and "| 4 |" in report
+    errors = check_export(workdir, str(tmp_path / "export"))
+    assert errors["adapter"] <= 1e-4 and errors["fused"] <= 1e-4, errors
+
+    sets = [f"--set=digits.{k}={v}" for k, v in short.items()] + ["--set=train.batch_size=4"]
+    code = ablate.main(
+        ["--workdir", workdir, "--seeds=1", "--steps=2", "--rows=perflow,full", "--set=digits.eval_samples=40", *sets]
+    )
+    assert code == 0
+    table = open(os.path.join(workdir, "ablation.md")).read()
+    assert "| PeRFlow |" in table and "| full (+feature matching) |" in table and "| 28 | rectified |" in table
+    for name in ("perflow_seed0", "full_seed0", "teacher_1_diffusers_seed0", "teacher_28_rectified_seed0"):
+        assert os.path.isfile(os.path.join(workdir, "samples", f"{name}.npz")), name
+    assert ablate.main(["--workdir", workdir, "--set=digits.nope=1"]) == 2

@@ -20,6 +20,7 @@ samples `WORKDIR/samples/<row>_seed<k>.npz`. The OTA cost column is trained wind
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -63,6 +64,8 @@ def _set(config, dotted: str, value) -> None:
     node = config
     for p in parents:
         node = node[p]
+    if leaf not in node:  # ConfigDicts accept new keys; a typo must not silently add one
+        raise KeyError(f"no config key {dotted!r}")
     node[leaf] = value
 
 
@@ -70,13 +73,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
-def table5(base_config, workdir: str, seeds: int, steps: int | None) -> dict:
+def table5(base_config, workdir: str, seeds: int, steps: int | None, rows: list[str]) -> dict:
     from flowsteer_jax.digits import evaluate
     from flowsteer_jax.train import train
 
     results = {}
     ev = evaluate.eval_set(int(base_config.digits.eval_samples), seed=evaluate.EVAL_SEED)
     for name, _label, overrides in ROWS:
+        if name not in rows:
+            continue
         for k in range(seeds):
             config = base_config.copy_and_resolve_references()
             for key, value in overrides.items():
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=0, help="distillation steps per run (default: the config's)")
     p.add_argument("--tables", default="2,5", help="which tables: 2, 5 or 2,5")
+    p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="Table 5 rows to run (comma-separated)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     args = p.parse_args(argv)
     import importlib.util
     import logging
@@ -193,11 +200,27 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        try:
+            _set(config, key, value)
+        except (KeyError, AttributeError, TypeError) as e:
+            print(f"--set {item}: {e}", file=sys.stderr)
+            return 2
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - {r[0] for r in ROWS})
+    if unknown:
+        print(f"--rows: unknown {unknown}; choose from {[r[0] for r in ROWS]}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
     tables = {t.strip() for t in args.tables.split(",")}
     t0 = time.perf_counter()
     t2 = table2(config, args.workdir, args.seeds) if "2" in tables else {}
-    t5 = table5(config, args.workdir, args.seeds, args.steps or None) if "5" in tables else {}
+    t5 = table5(config, args.workdir, args.seeds, args.steps or None, rows) if "5" in tables else {}
     machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}"
     md = markdown(t5, t2, args.seeds, machine)
     with open(os.path.join(args.workdir, "ablation.md"), "w") as f:

@@ -97,6 +97,7 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str, student: nn
         "teacher_28_diffusers": (base, 28, "diffusers", w),
         "teacher_4_diffusers": (base, 4, "diffusers", w),
         "teacher_4_rectified": (base, 4, "rectified", w),
+        "teacher_4_rectified_nocfg": (base, 4, "rectified", 0.0),  # the student's budget: 4 NFE
     }
     if student is not None:
         k = int(config.distill.num_segments)
@@ -128,6 +129,7 @@ REPORT_ROWS = (
     ("teacher_28_diffusers", "teacher, 28 steps, diffusers schedule, CFG"),
     ("teacher_4_diffusers", "teacher, 4 steps, diffusers schedule, CFG"),
     ("teacher_4_rectified", "teacher, 4 steps, rectified schedule, CFG"),
+    ("teacher_4_rectified_nocfg", "teacher, 4 steps, rectified schedule, no CFG"),
     ("student_4", "FlowSteer student, 4 steps, no CFG"),
 )
 
