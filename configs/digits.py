@@ -34,7 +34,7 @@ def get_config():
     c.disc.num_blocks = 2
     c.disc.head = "mlp"
     c.loss.lambda_adv, c.loss.lambda_fm = 0.1, 0.1
-    c.train.num_steps = 300
+    c.train.num_steps = 200
     c.train.batch_size = 32
     c.train.log_every = 10
     c.checkpoint.every_steps = 100
