@@ -35,9 +35,9 @@ def checkpoint_dir(workdir: str) -> str:
         raise CheckpointError(f"{workdir}: no such directory (expected a training workdir with {CHECKPOINTS}/)")
     inner = os.path.join(workdir, CHECKPOINTS)
     if os.path.isdir(inner):
-        return inner
+        return os.path.abspath(inner)  # orbax refuses relative paths
     if os.path.basename(os.path.normpath(workdir)) == CHECKPOINTS:
-        return workdir
+        return os.path.abspath(workdir)
     raise CheckpointError(f"{workdir}: no {CHECKPOINTS}/ folder (not a training workdir, or nothing saved yet)")
 
 

@@ -443,9 +443,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
 
 
-def test_cli(world, tmp_path):
+def test_cli(world, exported, tmp_path):
     out = str(tmp_path / "cli")
-    proc = _cli(f"--checkpoint={world['workdir']}", f"--out={out}", f"--step={STEP}")
+    # Relative paths, as users type them (orbax itself wants absolute ones).
+    rel = os.path.relpath(world["workdir"], ROOT)
+    proc = _cli(f"--checkpoint={rel}", f"--out={os.path.relpath(out, ROOT)}", f"--step={STEP}")
     assert proc.returncode == 0, proc.stderr
     with (
         safe_open(os.path.join(out, PEFT_FILE), framework="np") as f,

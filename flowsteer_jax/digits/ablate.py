@@ -69,8 +69,8 @@ def _set(config, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+def _mean_std(values: list[float], digits: int = 3) -> str:
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def table5(base_config, workdir: str, seeds: int, steps: int | None, rows: list[str]) -> dict:
@@ -151,8 +151,8 @@ def markdown(t5: dict, t2: dict, seeds: int, machine: str) -> str:
             if name in t5:
                 r = t5[name]
                 lines.append(
-                    f"| {label} | {_mean_std([x['accuracy'] for x in r])} | {_mean_std([x['fd'] for x in r])} | "
-                    f"{_mean_std([x['mse_to_reference'] for x in r])} | "
+                    f"| {label} | {_mean_std([x['accuracy'] for x in r])} | {_mean_std([x['fd'] for x in r], 2)} | "
+                    f"{_mean_std([x['mse_to_reference'] for x in r], 4)} | "
                     f"{np.mean([x['windows_per_s'] for x in r]):.1f} |"
                 )
         lines.append("")
@@ -168,7 +168,8 @@ def markdown(t5: dict, t2: dict, seeds: int, machine: str) -> str:
                 r = t2[f"teacher_{n}_{schedule}"]
                 lines.append(
                     f"| {n} | {schedule} | {_mean_std([x['accuracy'] for x in r])} | "
-                    f"{_mean_std([x['fd'] for x in r])} | {_mean_std([x.get('mse_to_reference', 0.0) for x in r])} |"
+                    f"{_mean_std([x['fd'] for x in r], 2)} | "
+                    f"{_mean_std([x.get('mse_to_reference', 0.0) for x in r], 4)} |"
                 )
     return "\n".join(lines) + "\n"
 
