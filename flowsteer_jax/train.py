@@ -124,12 +124,14 @@ def sd3_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         out = encoder.encode_prompt(batch, do_classifier_free_guidance=False, max_sequence_length=max_len)
         return {"prompt_embeds": np.asarray(out.prompt_embeds), "pooled": np.asarray(out.pooled_prompt_embeds)}
 
-    vae_box: list = []
+    decoder: list = []  # built on first use (only process 0 draws sample grids), then compiled once
 
     def decode(latents: np.ndarray) -> np.ndarray:
-        if not vae_box:  # loaded on first use: only process 0 draws sample grids
-            vae_box.append(load_vae(os.path.join(path, "vae"), dtype))
-        images = jax.jit(lambda z: vae_box[0].decode_latents(z))(jnp.asarray(latents, dtype))
+        if not decoder:
+            graphdef, state = nnx.split(load_vae(os.path.join(path, "vae"), dtype))
+            fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode_latents(z))
+            decoder.append(lambda z: fn(state, z))
+        images = decoder[0](jnp.asarray(latents, dtype))
         return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
 
     with open(config.data.prompts, "rb") as f:
@@ -235,13 +237,12 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def latent_shape_of(config: ml_collections.ConfigDict, world: World) -> tuple[int, int, int]:
+def latent_shape_of(config: ml_collections.ConfigDict, world: World, tc: dict) -> tuple[int, int, int]:
+    """The world's, else `model.latent_shape`, else the transformer config's (`tc`) sample_size square."""
     if world.latent_shape is not None:
         return tuple(world.latent_shape)
     if tuple(config.model.latent_shape):
         return tuple(int(v) for v in config.model.latent_shape)
-    with open(os.path.join(world.transformer_folder, "config.json")) as f:
-        tc = json.load(f)
     return (int(tc["sample_size"]), int(tc["sample_size"]), int(tc["in_channels"]))
 
 
@@ -255,7 +256,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     world = make_world(config, workdir)
-    latent_shape = latent_shape_of(config, world)
+    with open(os.path.join(world.transformer_folder, "config.json")) as f:
+        transformer_config = json.load(f)
+    latent_shape = latent_shape_of(config, world, transformer_config)
     mesh = parallel.mesh_from_config(config)
     rules = parallel.rules_from_config(config)
     n_batch = int(np.prod([mesh.shape[a] for a in np.atleast_1d(rules.get("batch") or ()) if a]))
@@ -275,8 +278,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         rules=rules,
         implementation=config.model.attention or None,
     )
-    with open(os.path.join(world.transformer_folder, "config.json")) as f:
-        transformer_config = json.load(f)
     train_state, frozen, graphs = make_train_state(config, base, mesh=mesh)
     step_fn = make_step(config, graphs, latent_shape)
     rng = jax.random.PRNGKey(int(config.seed))

@@ -300,3 +300,16 @@ def test_trained_student_exports_to_diffusers(reference, tmp_path):
 
     errors = check_export(reference, str(tmp_path / "export"))
     assert errors["adapter"] <= 1e-4 and errors["fused"] <= 1e-4, errors
+
+
+def test_config_files_load():
+    """Every configs/*.py builds; SD3.5-Large is SD3-Medium's paper settings with its four scale changes."""
+    names = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".py"))
+    assert {"digits", "sd3_5_large", "sd3_medium", "tiny"} <= set(names)
+    configs = {n: _load_config(n) for n in names}
+    medium, large = configs["sd3_medium"].to_dict(), configs["sd3_5_large"].to_dict()
+    assert (large["disc"]["num_blocks"], large["model"]["remat_policy"]) == (19, "full")
+    assert (tuple(large["mesh"]["shape"]), large["train"]["batch_size"]) == ((-1, 8, 1), 16)
+    for section in ("disc", "model", "mesh", "train"):
+        medium.pop(section), large.pop(section)
+    assert medium == large
