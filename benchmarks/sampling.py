@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 
 from flowsteer_jax.pipeline import SD3Pipeline  # noqa: E402
+from flowsteer_jax.xla_cpu import use_inference_flags  # noqa: E402
 from tests.tiny_pipeline import CLIP_G, CLIP_L, T5, write_tiny_pipeline  # noqa: E402
 from tests.torch_reference import randomize_  # noqa: E402
 
@@ -88,7 +89,12 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=0.0, help="<= 1: no CFG (the student); > 1: CFG")
     p.add_argument("--schedule", choices=("rectified", "diffusers"), default="rectified")
     p.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument(
+        "--xla_defaults", action="store_true", help="leave XLA_FLAGS as they are (the sample CLI adds INFERENCE_FLAGS)"
+    )
     args = p.parse_args()
+    if not args.xla_defaults:
+        use_inference_flags()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     prompts = (PROMPTS * args.batch)[: args.batch]
@@ -117,6 +123,7 @@ def main() -> None:
     err = float(np.abs(got - want).max() / np.abs(want).max())
     threads = torch.get_num_threads()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} ({threads} threads)")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(
         f"batch {args.batch}, {args.steps} steps, {args.schedule} schedule, guidance {args.guidance}, 64x64 images, "
         f"best of {args.repeats}"

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from PIL import Image
 from tqdm import tqdm
 
+from flowsteer_jax.xla_cpu import use_inference_flags
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -72,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    use_inference_flags()  # before the first computation creates JAX's backends
     if args.lora is not None and not os.path.exists(args.lora):
         print(f"--lora={args.lora}: no such file or folder", file=sys.stderr)
         return 2

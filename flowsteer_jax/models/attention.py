@@ -17,6 +17,44 @@ def check_implementation(implementation: str | None) -> None:
         raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
 
 
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` (`(B, T, N, H)` layout, same arguments), with a faster XLA:CPU path.
+
+    On CPU, for implementation None / "xla", the same math is written out in `(B, N, T, H)` layout with the
+    softmax normalisation applied after the value product: XLA:CPU then runs contiguous batched GEMMs and one pass
+    less over the logits, 1.2-1.4x faster than jax's XLA path (benchmarks/mmdit_forward.py). Elsewhere (GPU, TPU,
+    cuDNN) this is `jax.nn.dot_product_attention` itself.
+    """
+    if implementation == "cudnn" or jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation=implementation
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
+    logits = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    if is_causal:
+        causal = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)  # jax's "large negative"
+    # The max only keeps exp in range; it cancels in the ratio, so it carries no gradient.
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+    out = jnp.einsum("bnts,bnsd->bntd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / e.sum(-1, keepdims=True)).astype(v.dtype).swapaxes(1, 2)
+
+
 class Attention(nnx.Module):
     """Multi-head attention over image tokens, optionally joint with context tokens (`joint=True`).
 
@@ -72,7 +110,7 @@ class Attention(nnx.Module):
                 context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
             )
             q, k, v = (jnp.concatenate(t, axis=1) for t in ((q, cq), (k, ck), (v, cv)))
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, implementation=self.implementation)
         out = out.reshape(*out.shape[:2], self.heads * self.head_dim)
         ctx_out = self.to_add_out(out[:, n:]) if self.context_out else None
         return self.to_out[0](out[:, :n]), ctx_out

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from conversion import vae as vae_table
+from flowsteer_jax.models.attention import dot_product_attention
 from flowsteer_jax.models.layers import linear
 
 
@@ -131,7 +132,7 @@ class VAEAttention(nnx.Module):
         t = self.group_norm(x).reshape(b, h * w, 1, c)
         q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
         # XLA's attention: one head of width C (512 in SD3) is beyond cuDNN's fused kernels.
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = dot_product_attention(q, k, v)
         return x + self.to_out[0](out).reshape(b, h, w, c)
 
 

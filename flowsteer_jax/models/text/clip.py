@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from conversion import clip as clip_table
-from flowsteer_jax.models.attention import check_implementation
+from flowsteer_jax.models.attention import check_implementation, dot_product_attention
 from flowsteer_jax.models.layers import activation, linear
 
 
@@ -104,7 +104,7 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
         return self.out_proj(out.reshape(x.shape))
 
 

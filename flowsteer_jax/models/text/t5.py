@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from conversion import t5 as t5_table
-from flowsteer_jax.models.attention import check_implementation
+from flowsteer_jax.models.attention import check_implementation, dot_product_attention
 from flowsteer_jax.models.layers import activation, linear
 
 
@@ -121,7 +121,7 @@ class T5Attention(nnx.Module):
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         if self.implementation == "cudnn":
             bias = bias.astype(q.dtype)  # cuDNN wants one dtype; XLA adds the float32 bias to float32 logits
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, bias=bias, mask=mask, scale=1.0, implementation=self.implementation)
         return self.o(out.reshape(*x.shape[:-1], -1))
 
 
