@@ -224,7 +224,7 @@ def main() -> None:
     ):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
         cmd = [sys.executable, __file__, "memory", f"--remat={args.remat}"]
-        cmd.append(f"--per-device-batch={args.per_device_batch}")
+        cmd += [f"--per-device-batch={args.per_device_batch}", f"--sd3-layers={args.sd3_layers}"]
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         print(out.strip().splitlines()[-1])
         if args.part == "memory":

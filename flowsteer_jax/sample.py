@@ -8,7 +8,8 @@
 file exists, the prompt itself. Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress
 bar over batches. `--lora` applies a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest
 checkpoint), an exported folder (`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
-Image `i` uses noise from (`seed + i // batch`, `i % batch`), so reruns are reproducible.
+Image `i` uses noise from (`seed + i // batch`, `i % batch`), so reruns are reproducible. On a CPU-only machine
+the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag already set there wins).
 Without SD3 weights, try it on a tiny random pipeline: `python -m flowsteer_jax.tools.tiny_model --out=DIR`.
 """
 
