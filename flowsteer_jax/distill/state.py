@@ -87,6 +87,7 @@ def make_train_state(
     mesh = parallel.mesh_from_config(config) if mesh is None else mesh
     rules = parallel.rules_from_config(config)
     base_model.remat_policy = config.model.remat_policy or None
+    base_model.batch_sharding = parallel.batch_sharding(mesh, rules) if mesh.size > 1 else None
     rngs = nnx.Rngs(params=config.seed)
 
     params, frozen, disc_graph = {}, {}, None

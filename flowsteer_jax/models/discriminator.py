@@ -124,6 +124,7 @@ class Discriminator(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.inner_dim
         self.config, self.num_blocks, self.dtype, self.remat_policy = cfg, num_blocks, dtype, remat_policy
+        self.batch_sharding: jax.sharding.NamedSharding | None = None  # set by the trainer (see run_block)
         # Same attribute names as MMDiT: the trunk's paths are the teacher's, so copying is path to path.
         build_trunk(self, cfg, num_blocks, implementation, **kw)
         # The head stays float32 (small; the logit feeds a hinge).
@@ -138,6 +139,7 @@ class Discriminator(nnx.Module):
         kw.setdefault("dtype", model.dtype)
         kw.setdefault("remat_policy", model.remat_policy)
         disc = cls(model.config, num_blocks, head=head, rngs=rngs, **kw)
+        disc.batch_sharding = model.batch_sharding
         source = dict(nnx.to_flat_state(nnx.state(model)))
         target = nnx.state(disc)
         for path, var in nnx.to_flat_state(target):
@@ -157,6 +159,6 @@ class Discriminator(nnx.Module):
         h, ctx, temb = embed_inputs(self, z, timestep, encoder_hidden_states, pooled_projections)
         feats = []
         for block in self.transformer_blocks:
-            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy, self.batch_sharding)
             feats.append(h)
         return self.head(h, (height // p, width // p)), feats

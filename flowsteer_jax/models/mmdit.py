@@ -228,8 +228,22 @@ def build_trunk(module: nnx.Module, cfg: MMDiTConfig, num_blocks: int, implement
     )
 
 
-def run_block(block: JointTransformerBlock, x: jax.Array, ctx: jax.Array, temb: jax.Array, remat_policy: str | None):
-    """One joint block, under `jax.checkpoint` with the named policy when `remat_policy` is set."""
+def run_block(
+    block: JointTransformerBlock,
+    x: jax.Array,
+    ctx: jax.Array,
+    temb: jax.Array,
+    remat_policy: str | None,
+    batch_sharding: jax.sharding.NamedSharding | None = None,
+):
+    """One joint block, under `jax.checkpoint` with the named policy when `remat_policy` is set.
+
+    `batch_sharding` pins the block's token inputs to the batch axes: under FSDP the weights' `embed` dimension
+    and the activations' batch share the `fsdp` mesh axis, and without the pin XLA may gather the activations
+    (every device then holds the whole batch's temporaries) instead of the weights.
+    """
+    if batch_sharding is not None:
+        x, ctx = (jax.lax.with_sharding_constraint(t, batch_sharding) for t in (x, ctx))
     if remat_policy is None:
         return block(x, ctx, temb)
     # Functional remat (split -> jax.checkpoint -> merge): nnx.remat writes Variables back, which fails when
@@ -268,6 +282,7 @@ class MMDiT(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.inner_dim
         self.config, self.dtype, self.remat_policy = cfg, dtype, remat_policy
+        self.batch_sharding: jax.sharding.NamedSharding | None = None  # set by the trainer (see run_block)
         build_trunk(self, cfg, cfg.num_layers, implementation, **kw)
         self.norm_out = AdaLayerNorm(d, 2, **kw)
         p = cfg.patch_size
@@ -287,7 +302,7 @@ class MMDiT(nnx.Module):
         h, ctx, temb = embed_inputs(self, x, timestep, encoder_hidden_states, pooled_projections)
         out = []
         for block in self.transformer_blocks[:num_blocks]:
-            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy, self.batch_sharding)
             out.append((h, ctx))
         return out
 
@@ -302,7 +317,7 @@ class MMDiT(nnx.Module):
         b, height, width, _ = x.shape
         h, ctx, temb = embed_inputs(self, x, timestep, encoder_hidden_states, pooled_projections)
         for block in self.transformer_blocks:
-            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy, self.batch_sharding)
         scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: scale first
         h = self.proj_out(modulate(layer_norm(h), shift, scale))
         p, c = self.config.patch_size, self.config.out_channels
