@@ -75,7 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    use_inference_flags()  # before the first computation creates JAX's backends
     if args.lora is not None and not os.path.exists(args.lora):
         print(f"--lora={args.lora}: no such file or folder", file=sys.stderr)
         return 2
@@ -126,4 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): XLA reads its flags once, when the first computation creates the backends, and an
+    # in-process main() (tests) would only leak them into the environment of later subprocesses.
+    use_inference_flags()
     sys.exit(main())
