@@ -19,6 +19,7 @@ from sd3_medium import get_config as sd3_medium_config  # noqa: E402
 
 def get_config():
     c = sd3_medium_config()
+    c.model.preset = "sd3_5_large"
     c.model.remat_policy = "full"
     c.disc.num_blocks = 19
     c.mesh.shape = (-1, 8, 1)

@@ -20,6 +20,7 @@ from flowsteer_jax.distill.config import default_config
 
 def get_config():
     c = default_config()
+    c.model.preset = "sd3_medium"
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "dots"
     c.model.latent_shape = (128, 128, 16)

@@ -7,6 +7,7 @@ from 1 device to a pod and for tiny test models alike.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -60,6 +61,26 @@ def current_mesh() -> Mesh | None:
     """The concrete mesh set with `jax.set_mesh(...)`, or None outside one."""
     mesh = jax.sharding.get_mesh()
     return None if mesh.empty else mesh
+
+
+def current_platform() -> str:
+    """Platform of the mesh being traced for (`jax.set_mesh`, `use_abstract_mesh`), else the default backend.
+
+    A compile-only GPU/TPU mesh (`flowsteer_jax.chips`) names its chip here while the process runs on CPU.
+    """
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def traced_on(mesh: Mesh, fn):
+    """`fn` traced under `mesh`'s abstract mesh, so the code inside sees the target (`current_platform`)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def logical_sharding(

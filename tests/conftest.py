@@ -1,8 +1,11 @@
-"""Test setup: JAX on CPU, full-precision matmuls, and jax imported before torch."""
+"""Test setup: JAX on CPU (GPU/TPU compile-only), full-precision matmuls, and jax imported before torch."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from flowsteer_jax import chips  # noqa: E402
+
+chips.enable()  # the compile-only tests' GPU/TPU plugins, when installed, start without a chip
 
 import jax  # noqa: E402  (must come before torch: both bundle their own runtimes)
 

@@ -1,11 +1,17 @@
-"""Our XLA:CPU attention path against `jax.nn.dot_product_attention` (its XLA implementation), values and grads."""
+"""The attention entry point: our XLA:CPU path, the padding around flash kernels and the query-chunked path, each
+against `jax.nn.dot_product_attention` (its XLA implementation), values and grads; the choice of kernel."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flowsteer_jax.models.attention import dot_product_attention
+from flowsteer_jax.models.attention import (
+    chunked_attention,
+    dot_product_attention,
+    padded_attention,
+    resolve_implementation,
+)
 
 B, T, N, H = 2, 7, 3, 8
 
@@ -66,3 +72,37 @@ def test_fully_masked_rows_average_like_jax():
     mask = jnp.zeros((B, 1, 1, T), bool)
     ref = jax.nn.dot_product_attention(q, k, v, mask=mask)
     np.testing.assert_allclose(dot_product_attention(q, k, v, mask=mask), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t,s", [(141, 141), (77, 141), (128, 128), (4429 // 16, 4429 // 16)])
+def test_padded_attention_equals_unpadded(t, s):
+    """The padding around the flash kernels (cuDNN here) is exact: values and gradients, odd lengths."""
+    r = np.random.default_rng(1)
+    q = jnp.asarray(r.standard_normal((2, t, 3, 16)), jnp.float32)
+    k, v = (jnp.asarray(r.standard_normal((2, s, 3, 16)), jnp.float32) for _ in range(2))
+
+    def run(fn):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    (val, grads) = run(lambda q, k, v: padded_attention(q, k, v, scale=0.2, implementation="xla"))
+    (val_ref, grads_ref) = run(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.2, implementation="xla"))
+    np.testing.assert_allclose(val, val_ref, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * float(np.abs(g_ref).max()))
+
+
+def test_chunked_attention_equals_whole():
+    """The query-chunked path of wide-head attention (the VAE's) on GPU/TPU: same values."""
+    r = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(r.standard_normal((2, 300, 1, 32)), jnp.float32) for _ in range(3))
+    ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(chunked_attention(q, k, v, scale=None, chunk=128), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_implementation_follows_the_platform():
+    assert [resolve_implementation(None, p) for p in ("gpu", "tpu", "cpu")] == ["cudnn", "splash", "xla"]
+    assert resolve_implementation("xla", "gpu") == "xla"
+    with pytest.raises(ValueError, match="flash"):
+        resolve_implementation("flash", "gpu")

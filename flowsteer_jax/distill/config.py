@@ -6,7 +6,10 @@ Shape (all keys always present; `configs/` files override values, never add keys
 - `world`: "sd3" (a diffusers SD3 folder + a prompt file) | "digits" (the embedded default, `configs/digits.py`).
 - `model.path`: the diffusers SD3 pipeline folder (transformer, text encoders, tokenizers, VAE, scheduler).
   `model.dtype`: compute/storage dtype of the frozen base and text encoders ("bfloat16" | "float32").
-  `model.attention`: `jax.nn.dot_product_attention` implementation ("" = XLA's choice | "xla" | "cudnn").
+  `model.attention`: attention kernel ("" = the platform's: cuDNN flash on GPU, splash on TPU, XLA on CPU |
+  "xla" | "cudnn" | "splash"; `models/attention.py`).
+  `model.preset`: the published architecture the file is written for ("sd3_medium" | "sd3_5_large" | "",
+  `models/presets.py`): what `benchmarks/chip_budget.py` compiles when there are no weights at hand.
 - `model.remat_policy`: "" (none) | "full" | "dots" | "dots_all" (per-block remat of student, teacher and D).
 - `model.latent_shape`: (H, W, C) of the latents the step samples noise for (channels-last); () = the
   transformer's `sample_size` square with its `in_channels`.
@@ -75,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.world = "sd3"
     c.model = ml_collections.ConfigDict(
-        dict(path="", dtype="bfloat16", attention="", remat_policy="", latent_shape=(128, 128, 16))
+        dict(path="", preset="", dtype="bfloat16", attention="", remat_policy="", latent_shape=(128, 128, 16))
     )
     c.train = ml_collections.ConfigDict(dict(num_steps=10_000, batch_size=8, max_bad_steps=20, log_every=10))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))

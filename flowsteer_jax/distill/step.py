@@ -171,7 +171,7 @@ def make_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_shape=No
     fn = build_train_step(config, graphs, latent_shape)
     rep = parallel.replicated(graphs.mesh)
     return jax.jit(
-        fn,
+        parallel.traced_on(graphs.mesh, fn),
         in_shardings=(
             graphs.state_shardings,
             graphs.frozen_shardings,

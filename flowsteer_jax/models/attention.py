@@ -1,4 +1,4 @@
-"""SD3 joint attention (diffusers `Attention` + `JointAttnProcessor2_0`), through `jax.nn.dot_product_attention`."""
+"""SD3 joint attention (diffusers `Attention` + `JointAttnProcessor2_0`) and the one `dot_product_attention`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,70 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowsteer_jax import parallel
 from flowsteer_jax.models.layers import RMSNorm, linear
+from flowsteer_jax.models.splash import splash_attention
 
-# `jax.nn.dot_product_attention(implementation=...)`: None lets XLA choose, "cudnn" is the fused GPU kernel.
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+# None: chosen by the platform the program is compiled for (`resolve_implementation`). "xla": the plain
+# softmax(QK^T)V (materialised logits). "cudnn": cuDNN's fused flash kernel (GPU). "splash": Pallas splash
+# attention (TPU flash kernel).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "splash")
+AUTO_IMPLEMENTATION = {"gpu": "cudnn", "tpu": "splash"}  # any other platform: "xla"
+# Flash kernels want sequence lengths in whole tiles (cuDNN refuses odd lengths when training, splash needs
+# whole blocks): SD3's joint sequence (4096 image + 333 text tokens = 4429) is padded to this multiple.
+PAD_MULTIPLE = 128
+# Above this head width neither flash kernel applies (the VAE's single 512-wide head); on GPU/TPU such attention
+# runs in query chunks of this many rows, so its logits never exist whole (16384^2 per image at 1024^2).
+MAX_FLASH_HEAD_DIM, QUERY_CHUNK = 256, 1024
 
 
 def check_implementation(implementation: str | None) -> None:
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} not in {ATTENTION_IMPLEMENTATIONS}")
+
+
+def resolve_implementation(implementation: str | None, platform: str | None = None) -> str:
+    """The kernel an `implementation` setting means on `platform` (default: `parallel.current_platform()`)."""
+    check_implementation(implementation)
+    if implementation is not None:
+        return implementation
+    return AUTO_IMPLEMENTATION.get(platform or parallel.current_platform(), "xla")
+
+
+def _pad_tokens(x: jax.Array, n: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+
+
+def padded_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None, implementation: str, multiple: int = PAD_MULTIPLE
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` with both sequences padded to `multiple` and the padding masked.
+
+    The padded keys are excluded through `key_value_seq_lengths` (no score reaches them), the padded queries
+    are sliced off: exactly the unpadded attention, values and gradients, for any kernel that honours the
+    lengths ("cudnn" on GPU; "xla" in the CPU parity test).
+    """
+    b, t, s = q.shape[0], q.shape[1], k.shape[1]
+    tp, sp = -(-t // multiple) * multiple, -(-s // multiple) * multiple
+    if (tp, sp) == (t, s):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    q, k, v = _pad_tokens(q, tp), _pad_tokens(k, sp), _pad_tokens(v, sp)
+    q_len, kv_len = jnp.full((b,), t, jnp.int32), jnp.full((b,), s, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, query_seq_lengths=q_len, key_value_seq_lengths=kv_len, implementation=implementation
+    )
+    return out[:, :t]
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None, chunk: int = QUERY_CHUNK):
+    """XLA attention over blocks of `chunk` queries in turn (`lax.map`): logits of (chunk, S) at a time."""
+    b, t = q.shape[:2]
+    if t <= chunk:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    n = -(-t // chunk)
+    blocks = _pad_tokens(q, n * chunk).reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v, scale=scale, implementation="xla"), blocks)
+    return out.swapaxes(0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :t]
 
 
 def dot_product_attention(
@@ -28,16 +83,33 @@ def dot_product_attention(
     scale: float | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """`jax.nn.dot_product_attention` (`(B, T, N, H)` layout, same arguments), with a faster XLA:CPU path.
+    """The one attention entry point: `jax.nn.dot_product_attention`'s `(B, T, N, H)` layout and arguments.
 
-    On CPU, for implementation None / "xla", the same math is written out in `(B, N, T, H)` layout with the
-    softmax normalisation applied after the value product: XLA:CPU then runs contiguous batched GEMMs and one pass
-    less over the logits, 1.2-1.4x faster than jax's XLA path (benchmarks/mmdit_forward.py). Elsewhere (GPU, TPU,
-    cuDNN) this is `jax.nn.dot_product_attention` itself.
+    `implementation=None` picks the kernel for the platform being compiled for (the mesh's devices, so a
+    compile-only GPU/TPU target counts): cuDNN flash on GPU, splash on TPU, XLA elsewhere. The flash kernels
+    serve plain attention (MMDiT, discriminator) at any sequence length, padded exactly; attention with a bias,
+    mask or causal mask (the text encoders, short sequences) takes XLA unless a kernel is named explicitly, and
+    heads wider than the kernels allow (the VAE) run in query chunks on GPU/TPU.
+
+    On CPU the XLA math is written out in `(B, N, T, H)` layout with the softmax normalisation applied after
+    the value product: XLA:CPU then runs contiguous batched GEMMs and one pass less over the logits.
     """
-    if implementation == "cudnn" or jax.default_backend() != "cpu":
+    platform = parallel.current_platform()
+    plain = bias is None and mask is None and not is_causal
+    impl = resolve_implementation(implementation, platform)
+    if implementation is None and not (plain and q.shape[-1] <= MAX_FLASH_HEAD_DIM):
+        impl = "xla"
+    if impl == "cudnn" and plain:
+        return padded_attention(q, k, v, scale=scale, implementation="cudnn")
+    if impl == "splash":
+        if not plain:
+            raise ValueError("splash attention takes no bias, mask or causal mask; use 'xla' or 'cudnn'")
+        return splash_attention(q, k, v, scale=scale, interpret=platform != "tpu")
+    if impl == "cudnn" or platform != "cpu":
+        if implementation is None and plain and platform in AUTO_IMPLEMENTATION and q.shape[1] > QUERY_CHUNK:
+            return chunked_attention(q, k, v, scale=scale)
         return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation=implementation
+            q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))

@@ -134,10 +134,12 @@ class Discriminator(nnx.Module):
     def from_mmdit(cls, model: MMDiT, num_blocks: int, *, head: str = "conv", rngs: nnx.Rngs, **kw) -> Discriminator:
         """A discriminator whose trunk is a *copy* (new buffers) of `model`'s first `num_blocks` blocks.
 
-        Compute dtype follows `model`; pass `param_dtype=jnp.float32` for fp32 master weights of a bf16 model.
+        Compute dtype, remat policy and attention kernel follow `model`; pass `param_dtype=jnp.float32` for fp32
+        master weights of a bf16 model.
         """
         kw.setdefault("dtype", model.dtype)
         kw.setdefault("remat_policy", model.remat_policy)
+        kw.setdefault("implementation", model.implementation)
         disc = cls(model.config, num_blocks, head=head, rngs=rngs, **kw)
         disc.batch_sharding = model.batch_sharding
         source = dict(nnx.to_flat_state(nnx.state(model)))

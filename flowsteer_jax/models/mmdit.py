@@ -282,6 +282,7 @@ class MMDiT(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.inner_dim
         self.config, self.dtype, self.remat_policy = cfg, dtype, remat_policy
+        self.implementation = implementation
         self.batch_sharding: jax.sharding.NamedSharding | None = None  # set by the trainer (see run_block)
         build_trunk(self, cfg, cfg.num_layers, implementation, **kw)
         self.norm_out = AdaLayerNorm(d, 2, **kw)
