@@ -19,6 +19,7 @@ temporaries + outputs - aliased), `chip_gib`, `fits`, `tflops_per_step` (all dev
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -28,12 +29,15 @@ from ml_collections import config_flags
 from flowsteer_jax import chips
 
 PARTS = ("train", "student", "teacher", "vae")
-flags.DEFINE_enum("chip", None, sorted(chips.CHIPS), "chip to compile for")
-flags.DEFINE_integer("devices", 1, "chips in the mesh")
-flags.DEFINE_list("parts", ",".join(PARTS), f"what to compile, of {PARTS}")
-flags.DEFINE_integer("layers", 0, "override the preset's depth (quick trials; 0: the real depth)")
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 GiB = 2**30
+
+
+def define_flags() -> None:
+    flags.DEFINE_enum("chip", None, sorted(chips.CHIPS), "chip to compile for")
+    flags.DEFINE_integer("devices", 1, "chips in the mesh")
+    flags.DEFINE_list("parts", ",".join(PARTS), f"what to compile, of {PARTS}")
+    flags.DEFINE_integer("layers", 0, "override the preset's depth (quick trials; 0: the real depth)")
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 
 
 def _memory(compiled) -> dict:
@@ -46,6 +50,11 @@ def _memory(compiled) -> dict:
     }
     out["total_gib"] = out["arguments_gib"] + out["temporaries_gib"] + out["outputs_gib"] - out["aliased_gib"]
     return out
+
+
+def _kernels(compiled) -> list[str]:
+    """Custom-call targets of the compiled program: shows which attention kernel was really used."""
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
 
 
 def _compile(fn, *args, **kwargs) -> tuple[object, float]:
@@ -117,6 +126,7 @@ def train_budget(config, cfg, mesh) -> dict:
     b = int(config.train.batch_size)
     return {
         "memory": _memory(compiled),
+        "kernels": _kernels(compiled),
         "flops": _flops(*_flat(_train_program(config, cfg, mesh, "xla"))),
         "compile_s": seconds,
         "global_batch": b,
@@ -161,7 +171,13 @@ def sampler_budget(config, cfg, mesh, steps: int, cfg_guidance: bool) -> dict:
     with jax.set_mesh(mesh):  # the attention kernel is chosen for the mesh's platform
         compiled, seconds = _compile(jax.jit(fn), *args)
         flops = _flops(*_flat(_sampler_program(config, cfg, mesh, steps, cfg_guidance, "xla")))
-    return {"memory": _memory(compiled), "flops": flops, "compile_s": seconds, "images": mesh.size}
+    return {
+        "memory": _memory(compiled),
+        "kernels": _kernels(compiled),
+        "flops": flops,
+        "compile_s": seconds,
+        "images": mesh.size,
+    }
 
 
 def vae_budget(config, mesh) -> dict:
@@ -185,14 +201,15 @@ def vae_budget(config, mesh) -> dict:
     return {"memory": _memory(compiled), "flops": flops, "compile_s": seconds, "images": n}
 
 
-def budget(config, chip_name: str, devices: int, parts, layers: int = 0) -> dict:
+def budget(config, chip_name: str, devices: int, parts, layers: int = 0, transformer=None) -> dict:
+    """The report for `config` on `devices` x `chip_name`; `transformer` (an MMDiTConfig) replaces the preset."""
     import dataclasses
 
     from flowsteer_jax.models.presets import TRANSFORMERS
 
-    if config.model.preset not in TRANSFORMERS:
+    if transformer is None and config.model.preset not in TRANSFORMERS:
         raise ValueError(f"model.preset={config.model.preset!r}: set one of {sorted(TRANSFORMERS)}")
-    cfg = TRANSFORMERS[config.model.preset]
+    cfg = transformer or TRANSFORMERS[config.model.preset]
     if layers:
         cfg = dataclasses.replace(cfg, num_layers=layers)
         config.disc.num_blocks = min(int(config.disc.num_blocks), layers)
@@ -203,7 +220,7 @@ def budget(config, chip_name: str, devices: int, parts, layers: int = 0) -> dict
         "devices": devices,
         "mesh": dict(mesh.shape),
         "chip_gib": chip.memory_gib,
-        "preset": config.model.preset,
+        "preset": config.model.preset or "custom",
         "layers": cfg.num_layers,
         "attention": config.model.attention or "auto",
         "remat": config.model.remat_policy or "none",
@@ -275,6 +292,7 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     chips.enable()
+    define_flags()
     from flowsteer_jax.train import _parse_flags  # the train CLI's one-line errors for bad --config. flags
 
     app.run(main, flags_parser=_parse_flags)

@@ -55,6 +55,7 @@ def enable() -> None:
     """
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only targets need no runtime backend but the host
 
 
 def gpu_target_config(chip: Chip) -> str:

@@ -7,6 +7,9 @@ Splash needs sequence lengths that its blocks divide, but SD3's joint length is 
 multiple of the block and keep the padding exact with segment ids: real tokens are segment 0 and padded ones
 segment 1, so real queries never see padded keys. Padded queries (sliced off afterwards) see only padded keys, or
 none when only q is padded; splash then averages over its masked logits, so their rows and gradients stay finite.
+
+Run it at the default matmul precision: a process-wide "highest" asks Mosaic for fp32 products of bf16 operands,
+which it cannot lower (tests/test_chips.py sets "default" around its TPU compile).
 """
 
 from __future__ import annotations
