@@ -87,7 +87,8 @@ def _flops(fn, *args) -> float:
     """Matmul FLOPs of the whole (global) program, all devices together (`chips.matmul_flops`)."""
     import jax
 
-    return chips.matmul_flops(jax.make_jaxpr(fn)(*args))
+    fn = fn if hasattr(fn, "trace") else jax.jit(fn)
+    return chips.matmul_flops(fn.trace(*args).jaxpr)
 
 
 def _flat(program: tuple) -> tuple:

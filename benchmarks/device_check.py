@@ -5,27 +5,30 @@
 
 Meant for one H100/H200 and a short session (under 8 minutes): each part runs on its own, a failing part
 prints its traceback and the next one starts, and a watchdog prints what has finished when `--budget_s`
-runs out. Parts, in run order (`--parts` picks some):
+runs out. Parts, in run order (`--parts` picks some; the labels follow the brief's numbering):
 
-1. `parity_mmdit`: our `MMDiT` in bf16 (loaded by `load_transformer` from a diffusers `save_pretrained`
-   folder, every weight re-randomised) vs diffusers' `SD3Transformer2DModel` in bf16, both vs diffusers fp32
-   (TF32 off): max|difference| / max|fp32 output|. `parity_pipeline`: `SD3Pipeline` vs diffusers'
-   `StableDiffusion3Pipeline` in bf16 on the tiny random pipeline (`flowsteer_jax.tools.tiny_model`), same
-   noise, 4 steps, "diffusers" schedule, guidance 0 and 5: max |image difference| (images in [0, 1]).
-2. `forward`: SD3-Medium (random weights, bf16) at 1024² (latents 128x128x16, 333 tokens, batch 2): ours
-   jitted with the platform's attention (cuDNN flash on GPU) vs diffusers (SDPA); ms, TFLOP/s (matmul FLOPs of
-   the jaxpr traced with XLA attention: flash kernels are opaque custom calls with the same arithmetic).
-3. `train`: the FlowSteer step of `--config` at real shapes on random weights: compile time, s/step (median of
-   3 after a warm-up), MFU = matmul FLOPs (remat recomputation included) / (s/step x 989 TFLOP/s bf16 peak),
-   device peak memory next to XLA's prediction (arguments + temporaries + outputs - aliased).
-4. `sampling`: images/s of 4-step Euler + VAE decode at 1024², batch 4, no CFG, precomputed random prompt
-   embeddings: our jitted loop vs diffusers' pipeline, eager and with `torch.compile` on the transformer (the
-   latter only while `--torch_compile_budget_s` are left).
+- 1a `parity_mmdit`: our `MMDiT` in bf16 (loaded by `load_transformer` from a diffusers `save_pretrained`
+  folder, every weight re-randomised) vs diffusers' `SD3Transformer2DModel` in bf16, both vs diffusers fp32
+  (TF32 off): max|difference| / max|fp32 output|; also ours fp32 (XLA attention, "highest" matmuls) vs it.
+- 1b `parity_pipeline`: `SD3Pipeline` vs diffusers' `StableDiffusion3Pipeline`, both bf16 (and diffusers fp32
+  for scale), on the tiny random pipeline of `flowsteer_jax.tools.tiny_model`, same noise, 4 steps, the
+  "diffusers" schedule, guidance 0 and 5: max |image difference| (images in [0, 1]).
+- 2 `forward`: SD3-Medium (random weights, bf16) at 1024² (latents 128x128x16, 333 tokens, batch 2): ours
+  jitted with the platform's attention (cuDNN flash on GPU) vs diffusers (SDPA): ms (median of 10), TFLOP/s
+  (matmul FLOPs of the jaxpr traced with XLA attention: flash kernels are opaque custom calls, same arithmetic).
+- 4 `sampling`: images/s of 4-step Euler + VAE decode at 1024², batch 4, no CFG, precomputed random prompt
+  embeddings: our jitted `_denoise_decode` vs diffusers' pipeline (eager), images copied to the host by both.
+- 3 `train`: the FlowSteer step of `--config` at real shapes on random weights: compile time, s/step (median of
+  3 after a warm-up), MFU = matmul FLOPs (remat recomputation included) / (s/step x 989 TFLOP/s bf16 peak),
+  device peak memory next to XLA's prediction (arguments + temporaries + outputs - aliased).
+- 4 `sampling_compiled`: diffusers again with `torch.compile` on its transformer, only while
+  `--torch_compile_budget_s` are left (its compile cannot be interrupted).
 
 Prints one labelled line per measurement (repeated in a summary at the end) and, last, one JSON object with
 every number, the devices, and which parts failed or were skipped. JAX and torch share the GPU: run it with
-`XLA_PYTHON_CLIENT_PREALLOCATE=false` (the .sh sets it); torch frees its cache after each part, JAX's pool only
-grows, so the train step (JAX's peak) runs after the torch-heavy forward part.
+`XLA_PYTHON_CLIENT_PREALLOCATE=false` (the .sh sets it). torch empties its cache after each part but JAX's pool
+never shrinks, hence the order: the train step, JAX's peak, after the torch-heavy parts, and its "device peak"
+is the process's (the peak before its steps is printed next to it).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax  # before torch: both bundle their own runtimes
@@ -59,7 +63,9 @@ from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowsteer_jax.models.presets import CLIP_TOKENS, SD3_VAE, TRANSFORMERS
 from flowsteer_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
-PARTS = ("parity_mmdit", "parity_pipeline", "forward", "train", "sampling")
+# Run order. The train step (JAX's memory peak: its pool never shrinks, torch's cache is emptied after each part)
+# comes after the torch-heavy parts; diffusers + torch.compile (long compile, least needed) is last.
+PARTS = ("parity_mmdit", "parity_pipeline", "forward", "sampling", "train", "sampling_compiled")
 DEFAULT_CONFIG = "configs/sd3_medium_1gpu.py"
 # Used when DEFAULT_CONFIG does not exist: SD3-Medium's config shrunk to fit one 80 GB GPU.
 FALLBACK_CONFIG, FALLBACK_OVERRIDES = "configs/sd3_medium.py", ("train.batch_size=4", "model.remat_policy=full")
@@ -196,7 +202,12 @@ def _start_watchdog(report: Report) -> None:
             if report.done:
                 return
             report.failed[report.running or "startup"] = f"timed out: the {report.budget_s:.0f} s budget ran out"
-            print(report.summary(), flush=True)
+            for _ in range(3):  # the main thread may be adding a number right now
+                try:
+                    print(report.summary(), flush=True)
+                    break
+                except RuntimeError:
+                    time.sleep(0.1)
             os._exit(124)
 
     timer = threading.Timer(max(report.time_left(), 0.0), fire)
@@ -332,7 +343,7 @@ def _jax_forward(model: MMDiT, x, t, ctx, pooled) -> np.ndarray:
     return np.asarray(out.astype(jnp.float32)).transpose(0, 3, 1, 2)
 
 
-def part_parity_mmdit(report: Report, sizes: Sizes, config) -> dict:
+def part_parity_mmdit(report: Report, sizes: Sizes, config, out: dict) -> None:
     from diffusers import SD3Transformer2DModel
 
     from flowsteer_jax.models.loading import load_transformer
@@ -353,14 +364,14 @@ def part_parity_mmdit(report: Report, sizes: Sizes, config) -> dict:
     d16 = _torch_forward(ref.to(TORCH_DEVICE, torch.bfloat16), torch.bfloat16, *inputs)
     scale = float(np.abs(d32).max())
     rel = lambda a, b: float(np.abs(a - b).max() / scale)  # noqa: E731
-    out = {
-        "ours_bf16_vs_diffusers_bf16": rel(o16, d16),
-        "ours_bf16_vs_diffusers_fp32": rel(o16, d32),
-        "diffusers_bf16_vs_diffusers_fp32": rel(d16, d32),
-        "ours_fp32_vs_diffusers_fp32": rel(o32, d32),
-        "max_abs_fp32_output": scale,
-        "finite": bool(np.isfinite(o16).all()),
-    }
+    out.update(
+        ours_bf16_vs_diffusers_bf16=rel(o16, d16),
+        ours_bf16_vs_diffusers_fp32=rel(o16, d32),
+        diffusers_bf16_vs_diffusers_fp32=rel(d16, d32),
+        ours_fp32_vs_diffusers_fp32=rel(o32, d32),
+        max_abs_fp32_output=scale,
+        finite=bool(np.isfinite(o16).all()),
+    )
     c = sizes.parity
     shape = (
         f"{c['num_layers']} layers, {c['num_attention_heads']}x{c['attention_head_dim']} heads, "
@@ -373,16 +384,14 @@ def part_parity_mmdit(report: Report, sizes: Sizes, config) -> dict:
         f"diffusers-vs-fp32 {out['diffusers_bf16_vs_diffusers_fp32']:.2e}; fp32 ours-vs-diffusers "
         f"{out['ours_fp32_vs_diffusers_fp32']:.2e}",
     )
-    return out
 
 
-def part_parity_pipeline(report: Report, sizes: Sizes, config) -> dict:
+def part_parity_pipeline(report: Report, sizes: Sizes, config, out: dict) -> None:
     from diffusers import StableDiffusion3Pipeline
 
     from flowsteer_jax.pipeline import SD3Pipeline
     from flowsteer_jax.tools import tiny_model
 
-    out = {}
     with tempfile.TemporaryDirectory() as folder:
         if tiny_model.main([f"--out={folder}"]) != 0:
             raise RuntimeError("flowsteer_jax.tools.tiny_model could not write the tiny pipeline")
@@ -413,7 +422,6 @@ def part_parity_pipeline(report: Report, sizes: Sizes, config) -> dict:
                 f"{r['ours_bf16_vs_diffusers_bf16']:.2e}, ours-vs-fp32 {r['ours_bf16_vs_diffusers_fp32']:.2e}, "
                 f"diffusers-vs-fp32 {r['diffusers_bf16_vs_diffusers_fp32']:.2e}",
             )
-    return out
 
 
 # --- 2. forward ---
@@ -471,33 +479,36 @@ def _diffusers_forward(cfg: MMDiTConfig, b: int, tokens: int, repeats: int) -> d
     return {"ms": _median_s(run, repeats, warmup=2) * 1e3}
 
 
-def part_forward(report: Report, sizes: Sizes, config) -> dict:
-    cfg, b, tokens = sizes.mmdit, sizes.forward_batch, sizes.tokens
+def part_forward(report: Report, sizes: Sizes, config, out: dict) -> None:
+    cfg, b, tokens, n = sizes.mmdit, sizes.forward_batch, sizes.tokens, sizes.mmdit.sample_size
     flops = _forward_flops(cfg, b, tokens)
+    out["tflop_per_forward"] = flops / 1e12
     ours = _ours_forward(cfg, b, tokens, sizes.repeats)
+    out.update(
+        ours_ms=ours["ms"],
+        ours_compile_s=ours["compile_s"],
+        ours_tflops_per_s=flops / ours["ms"] * 1e-9,
+        flash_attention=any("fmha" in k for k in ours["kernels"]),
+        kernels=ours["kernels"],
+    )
+    report.line(
+        "2 forward ours",
+        f"{cfg.num_layers}-layer MMDiT bf16, batch {b}, {n}x{n}x{cfg.in_channels} latents, {tokens} tokens "
+        f"({out['tflop_per_forward']:.3g} TFLOP): {ours['ms']:.1f} ms, {out['ours_tflops_per_s']:.3g} TFLOP/s, "
+        f"compile {ours['compile_s']:.1f} s, cuDNN flash attention: {out['flash_attention']}",
+    )
     _free()
     ref = _diffusers_forward(cfg, b, tokens, sizes.repeats)
-    out = {
-        "ours_ms": ours["ms"],
-        "ours_compile_s": ours["compile_s"],
-        "ours_tflops_per_s": flops / ours["ms"] * 1e-9,
-        "diffusers_ms": ref["ms"],
-        "diffusers_tflops_per_s": flops / ref["ms"] * 1e-9,
-        "ratio_ours_over_diffusers": ours["ms"] / ref["ms"],
-        "tflop_per_forward": flops / 1e12,
-        "flash_attention": any("fmha" in k for k in ours["kernels"]),
-        "kernels": ours["kernels"],
-    }
-    n = cfg.sample_size
+    out.update(
+        diffusers_ms=ref["ms"],
+        diffusers_tflops_per_s=flops / ref["ms"] * 1e-9,
+        ratio_ours_over_diffusers=ours["ms"] / ref["ms"],
+    )
     report.line(
-        "2 forward",
-        f"{cfg.num_layers}-layer MMDiT bf16, batch {b}, {n}x{n}x{cfg.in_channels} latents, {tokens} tokens "
-        f"({out['tflop_per_forward']:.3g} TFLOP): ours {out['ours_ms']:.1f} ms ({out['ours_tflops_per_s']:.3g} TFLOP/s,"
-        f" compile {out['ours_compile_s']:.1f} s, cuDNN flash {out['flash_attention']}) | diffusers SDPA "
-        f"{out['diffusers_ms']:.1f} ms ({out['diffusers_tflops_per_s']:.3g} TFLOP/s) | ours/diffusers "
+        "2 forward diffusers",
+        f"SDPA: {ref['ms']:.1f} ms, {out['diffusers_tflops_per_s']:.3g} TFLOP/s; ours/diffusers time "
         f"{out['ratio_ours_over_diffusers']:.3g}x",
     )
-    return out
 
 
 # --- 3. train step ---
@@ -541,7 +552,6 @@ def load_config(path: str, overrides: list[str], small: bool) -> tuple[ml_collec
     if small:
         for key, value in SMALL_TRAIN.items():
             _set(config, key, value)
-        config.disc.num_blocks = min(int(config.disc.num_blocks), SMALL.train_mmdit.num_layers)
     return config, " ".join([path, *overrides, *(["(small sizes)"] if small else [])])
 
 
@@ -577,14 +587,27 @@ def _train_flops(config, cfg: MMDiTConfig, mesh) -> float:
     return chips.matmul_flops(jaxpr)
 
 
-def part_train(report: Report, sizes: Sizes, config) -> dict:
+def _gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} GiB"
+
+
+def part_train(report: Report, sizes: Sizes, config, out: dict) -> None:
     from flowsteer_jax import parallel
     from flowsteer_jax.distill import make_step, make_train_state, place_batch
 
     cfg = sizes.train_mmdit or TRANSFORMERS[config.model.preset]
-    model_name = "small" if sizes.train_mmdit else config.model.preset
-    mesh = parallel.mesh_from_config(config)
-    dtype = jnp.dtype(config.model.dtype)
+    b, mesh, dtype = int(config.train.batch_size), parallel.mesh_from_config(config), jnp.dtype(config.model.dtype)
+    out.update(
+        model="small" if sizes.train_mmdit else config.model.preset,
+        layers=cfg.num_layers,
+        batch=b,
+        latent_shape=list(config.model.latent_shape),
+        tokens=CLIP_TOKENS + int(config.data.max_sequence_length),
+        remat_policy=config.model.remat_policy or "none",
+        teacher_steps=int(config.distill.teacher_steps),
+        disc_blocks=int(config.disc.num_blocks),
+        attention=config.model.attention or "auto",
+    )
     base = _random_module(
         lambda: MMDiT(cfg, rngs=nnx.Rngs(config.seed), dtype=dtype, implementation=config.model.attention or None)
     )
@@ -592,9 +615,30 @@ def part_train(report: Report, sizes: Sizes, config) -> dict:
     del base
     batch, key = place_batch(_train_batch(config, cfg), graphs), jax.random.PRNGKey(config.seed)
     t0 = time.perf_counter()
-    compiled = make_step(config, graphs).lower(state, frozen, batch, key).compile()
-    compile_s = time.perf_counter() - t0
-    peak_before = _peak_gib()
+    lowered = make_step(config, graphs).lower(state, frozen, batch, key)
+    lower_s = time.perf_counter() - t0
+    # Tracing the FLOP twin is Python work, XLA's compile runs with the GIL released: overlap the two.
+    with ThreadPoolExecutor(1) as pool:
+        flops_future = pool.submit(_train_flops, config, cfg, mesh)
+        t0 = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+        flops = flops_future.result()
+    out.update(
+        lower_s=lower_s,
+        compile_s=compile_s,
+        tflop_per_step=flops / 1e12,
+        predicted_gib=_predicted_gib(compiled),
+        flash_attention=any("fmha" in k for k in _kernels(compiled)),
+    )
+    report.line(
+        "3 train compile",
+        f"{out['model']} ({cfg.num_layers} layers), batch {b}, latents {tuple(config.model.latent_shape)}, "
+        f"{out['tokens']} tokens, remat {out['remat_policy']}, {out['teacher_steps']} teacher steps, "
+        f"{out['disc_blocks']} disc blocks: trace+lower {lower_s:.0f} s, compile {compile_s:.0f} s, XLA predicts "
+        f"{_gib(out['predicted_gib'])}/device, cuDNN flash attention: {out['flash_attention']}",
+    )
+    out["peak_gib_before_steps"] = _peak_gib()  # the process's peak so far: the earlier parts' share
     times, metrics = [], {}
     for i in range(4):  # a warm-up, then up to 3 timed steps while the budget lasts
         if i >= 2 and report.time_left() < 2 * times[-1] + 30:
@@ -604,44 +648,28 @@ def part_train(report: Report, sizes: Sizes, config) -> dict:
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:])
-    loss, finite = float(metrics["loss"]), bool(metrics["finite"])
-    del state, frozen, batch
-    flops = _train_flops(config, cfg, mesh)
-    b = int(config.train.batch_size)
-    out = {
-        "model": model_name,
-        "batch": b,
-        "latent_shape": list(config.model.latent_shape),
-        "tokens": CLIP_TOKENS + int(config.data.max_sequence_length),
-        "remat_policy": config.model.remat_policy,
-        "teacher_steps": int(config.distill.teacher_steps),
-        "disc_blocks": int(config.disc.num_blocks),
-        "attention": config.model.attention or "auto",
-        "compile_s": compile_s,
-        "step_s": step_s,
-        "timed_steps": len(times) - 1,
-        "first_step_s": times[0],
-        "tflop_per_step": flops / 1e12,
-        "mfu": flops / (step_s * PEAK_BF16_FLOPS),
-        "windows_per_s": int(config.distill.num_segments) * b / step_s,
-        "peak_gib": _peak_gib(),
-        "peak_gib_before_steps": peak_before,
-        "predicted_gib": _predicted_gib(compiled),
-        "loss": loss,
-        "finite": finite,
-        "flash_attention": any("fmha" in k for k in _kernels(compiled)),
-    }
-    peak = "n/a" if out["peak_gib"] is None else f"{out['peak_gib']:.1f} GiB"
-    predicted = "n/a" if out["predicted_gib"] is None else f"{out['predicted_gib']:.1f} GiB"
+    out.update(
+        step_s=step_s,
+        timed_steps=len(times) - 1,
+        first_step_s=times[0],
+        windows_per_s=int(config.distill.num_segments) * b / step_s,
+        peak_gib=_peak_gib(),
+        loss=float(metrics["loss"]),
+        finite=bool(metrics["finite"]),
+    )
     report.line(
         "3 train step",
-        f"{model_name} ({cfg.num_layers} layers) batch {b}, remat "
-        f"{config.model.remat_policy or 'none'}, {config.distill.teacher_steps} teacher steps: compile "
-        f"{compile_s:.0f} s, {step_s:.2f} s/step (median of {out['timed_steps']}), {out['tflop_per_step']:.3g} "
-        f"TFLOP/step, MFU {out['mfu']:.1%} of {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s, peak {peak} (predicted "
-        f"{predicted}), loss {loss:.3g}{'' if finite else ' NON-FINITE'}",
+        f"{step_s:.2f} s/step (median of {out['timed_steps']}; first {times[0]:.1f} s), "
+        f"{out['windows_per_s']:.3g} windows/s, device peak {_gib(out['peak_gib'])} (predicted "
+        f"{_gib(out['predicted_gib'])}; before the steps {_gib(out['peak_gib_before_steps'])}), loss "
+        f"{out['loss']:.3g}{'' if out['finite'] else ' NON-FINITE'}",
     )
-    return out
+    out["mfu"] = flops / (step_s * PEAK_BF16_FLOPS)
+    report.line(
+        "3 train MFU",
+        f"{out['tflop_per_step']:.3g} TFLOP/step (matmuls, remat recomputation included): MFU {out['mfu']:.1%} of "
+        f"{PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16",
+    )
 
 
 # --- 4. sampling ---
@@ -738,40 +766,49 @@ def _diffusers_sampling(sizes: Sizes, inputs: dict[str, np.ndarray], compile_tra
     return {"s": seconds, "compile_s": first - seconds}
 
 
-def part_sampling(report: Report, sizes: Sizes, config, torch_compile_budget_s: float = 0.0) -> dict:
+def part_sampling(report: Report, sizes: Sizes, config, out: dict) -> None:
     b, px = sizes.sample_batch, sizes.image_px
     inputs = _sampling_inputs(sizes)
     ours = _ours_sampling(sizes, inputs)
+    out.update(
+        batch=b, image_px=px, ours_s=ours["s"], ours_images_per_s=b / ours["s"], ours_compile_s=ours["compile_s"]
+    )
+    report.line(
+        "4 sampling ours",
+        f"{STEPS} steps + VAE decode, batch {b}, {px}x{px}, no CFG: {out['ours_images_per_s']:.3g} images/s "
+        f"({ours['s']:.2f} s/batch, compile {ours['compile_s']:.0f} s)",
+    )
     _free()
     eager = _diffusers_sampling(sizes, inputs, compile_transformer=False)
-    _free()
-    out = {
-        "batch": b,
-        "image_px": px,
-        "ours_images_per_s": b / ours["s"],
-        "ours_compile_s": ours["compile_s"],
-        "diffusers_images_per_s": b / eager["s"],
-        "ratio_ours_over_diffusers_time": ours["s"] / eager["s"],
-    }
-    text = (
-        f"{STEPS} steps + VAE decode, batch {b}, {px}x{px}, no CFG: ours {out['ours_images_per_s']:.2f} img/s "
-        f"(compile {ours['compile_s']:.0f} s) | diffusers eager {out['diffusers_images_per_s']:.2f} img/s"
+    out.update(
+        diffusers_s=eager["s"],
+        diffusers_images_per_s=b / eager["s"],
+        ratio_ours_over_diffusers_time=ours["s"] / eager["s"],
     )
-    if report.time_left() > torch_compile_budget_s:
-        compiled = _diffusers_sampling(sizes, inputs, compile_transformer=True)
-        out["diffusers_compiled_images_per_s"] = b / compiled["s"]
-        out["diffusers_compiled_compile_s"] = compiled["compile_s"]
-        out["ratio_ours_over_diffusers_compiled_time"] = ours["s"] / compiled["s"]
-        text += (
-            f" | diffusers torch.compile {out['diffusers_compiled_images_per_s']:.2f} img/s "
-            f"(compile {compiled['compile_s']:.0f} s)"
-        )
-    else:
-        reason = f"{report.time_left():.0f} s left < --torch_compile_budget_s={torch_compile_budget_s:.0f}"
-        report.skipped["sampling_torch_compile"] = reason
-        text += f" | diffusers torch.compile skipped ({reason})"
-    report.line("4 sampling", text + f" | ours/diffusers time {out['ratio_ours_over_diffusers_time']:.3g}x")
-    return out
+    report.line(
+        "4 sampling diffusers",
+        f"eager: {out['diffusers_images_per_s']:.3g} images/s ({eager['s']:.2f} s/batch); ours/diffusers time "
+        f"{out['ratio_ours_over_diffusers_time']:.3g}x",
+    )
+
+
+def part_sampling_compiled(report: Report, sizes: Sizes, config, out: dict, budget_s: float) -> None:
+    """diffusers with `torch.compile` on its transformer: last, and only while `budget_s` are left (its compile
+    cannot be interrupted)."""
+    if report.time_left() < budget_s:
+        reason = f"{report.time_left():.0f} s left < --torch_compile_budget_s={budget_s:.0f}"
+        report.skipped["sampling_compiled"] = reason
+        report.line("4 sampling diffusers torch.compile", f"skipped: {reason}")
+        return
+    b = sizes.sample_batch
+    res = _diffusers_sampling(sizes, _sampling_inputs(sizes), compile_transformer=True)
+    out.update(s=res["s"], images_per_s=b / res["s"], compile_s=res["compile_s"])
+    text = f"{out['images_per_s']:.3g} images/s ({res['s']:.2f} s/batch, compile {res['compile_s']:.0f} s)"
+    ours_s = report.results.get("sampling", {}).get("ours_s")
+    if ours_s:
+        out["ratio_ours_over_compiled_time"] = ours_s / res["s"]
+        text += f"; ours/diffusers-compiled time {out['ratio_ours_over_compiled_time']:.3g}x"
+    report.line("4 sampling diffusers torch.compile", text)
 
 
 # --- main ---
@@ -822,27 +859,35 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_progress_bars()
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-    config, config_text = load_config(args.config, args.set, args.small)  # a bad flag fails before any work
+    try:  # a bad --config/--set fails before any work
+        config, config_text = load_config(args.config, args.set, args.small)
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
+        print(f"device_check: bad --config/--set: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     sizes = SMALL if args.small else FULL
     report.results.update(_devices(), small=args.small, train_config=config_text)
     report.line("devices", f"JAX {report.results['jax_device']} | torch {report.results['torch_device']}")
-    parts: dict[str, Callable[..., dict]] = {
+    parts: dict[str, Callable[..., None]] = {
         "parity_mmdit": part_parity_mmdit,
         "parity_pipeline": part_parity_pipeline,
         "forward": part_forward,
+        "sampling": part_sampling,
         "train": part_train,
-        "sampling": lambda *a: part_sampling(*a, torch_compile_budget_s=args.torch_compile_budget_s),
+        "sampling_compiled": lambda *a: part_sampling_compiled(*a, budget_s=args.torch_compile_budget_s),
     }
     for name in (p for p in PARTS if p in args.parts):
         print(f"=== {name} ({report.time_left():.0f} s left) ===", flush=True)
         report.running = name
         t0 = time.perf_counter()
+        out = report.results[name] = {}  # filled as the part goes: a late failure keeps the earlier numbers
         try:
-            report.results[name] = parts[name](report, sizes, config)
+            parts[name](report, sizes, config, out)
         except Exception as e:  # one part's failure must not cost the others' numbers
             traceback.print_exc()
             report.failed[name] = f"{type(e).__name__}: {e}"[:1000]
         report.results.setdefault("part_s", {})[name] = time.perf_counter() - t0
+        if not out:
+            del report.results[name]
         report.running = None
         _free()
     with report.lock:  # the watchdog must not print a second summary

@@ -72,6 +72,19 @@ def current_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+# XLA options our programs need from the GPU compiler, set per executable (GPU targets only, nothing global).
+GPU_COMPILER_OPTIONS = {
+    # XLA 0.10.2's Triton GEMM emitter fails on the FSDP train step's bf16 products ("Couldn't find output tile
+    # sizes that satisfy ... dot bf16[2664,4608]", 8x H100, mesh (1, 8, 1)); cuBLAS takes them instead.
+    "xla_gpu_enable_triton_gemm": False,
+}
+
+
+def compiler_options(mesh: Mesh) -> dict | None:
+    """`jax.jit(compiler_options=...)` for programs over `mesh`: GPU_COMPILER_OPTIONS on GPUs, else None."""
+    return dict(GPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "gpu" else None
+
+
 def traced_on(mesh: Mesh, fn):
     """`fn` traced under `mesh`'s abstract mesh, so the code inside sees the target (`current_platform`)."""
 

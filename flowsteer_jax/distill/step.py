@@ -180,4 +180,5 @@ def make_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_shape=No
         ),
         out_shardings=(graphs.state_shardings, rep),
         donate_argnums=(0,) if donate else (),
+        compiler_options=parallel.compiler_options(graphs.mesh),
     )
