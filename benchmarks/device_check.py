@@ -447,8 +447,8 @@ def _forward_flops(cfg: MMDiTConfig, b: int, tokens: int) -> float:
     """Matmul FLOPs of one forward, traced with XLA attention (flash kernels are opaque custom calls)."""
     model = nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, implementation="xla"))
     graph, state = nnx.split(model)
-    fn = lambda s, *a: nnx.merge(graph, s)(*a)  # noqa: E731
-    return chips.matmul_flops(jax.make_jaxpr(fn)(state, *_forward_inputs(cfg, b, tokens, abstract=True)))
+    fn = jax.jit(lambda s, *a: nnx.merge(graph, s)(*a))
+    return chips.matmul_flops(fn.trace(state, *_forward_inputs(cfg, b, tokens, abstract=True)).jaxpr)
 
 
 def _ours_forward(cfg: MMDiTConfig, b: int, tokens: int, repeats: int) -> dict:
@@ -583,8 +583,8 @@ def _train_flops(config, cfg: MMDiTConfig, mesh) -> float:
     build = lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation="xla")  # noqa: E731
     state, frozen, graphs = abstract_train_state(config, build, mesh=mesh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    jaxpr = jax.make_jaxpr(make_step(config, graphs))(state, frozen, _train_batch(config, cfg, abstract=True), key)
-    return chips.matmul_flops(jaxpr)
+    traced = make_step(config, graphs).trace(state, frozen, _train_batch(config, cfg, abstract=True), key)
+    return chips.matmul_flops(traced.jaxpr)
 
 
 def _gib(x: float | None) -> str:

@@ -9,7 +9,8 @@
 #   bash benchmarks/device_check.sh --small                           # toy sizes: the plumbing, on a CPU
 #
 # Install on the GPU machine (CUDA 12 driver), in this order, from the repository root:
-#   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128   # a CUDA build of the pinned torch
+#   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128   # or the CUDA 12.x index
+#                                                      # pytorch.org lists for 2.13.0: a CUDA build of the pinned torch
 #   pip install "jax[cuda12]==0.10.2"
 #   pip install -r requirements.txt -r requirements-test.txt
 # torch first: requirements-test.txt's torch==2.13.0 is then already satisfied (a +cuXXX build matches it), so
@@ -20,6 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # JAX and torch share the GPU in one process: without this JAX takes 75% of its memory at start-up.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONUNBUFFERED=1  # result lines and tracebacks in order when piped to a file (| tee)
 
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi -L || true

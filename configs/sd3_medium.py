@@ -22,7 +22,7 @@ def get_config():
     c = default_config()
     c.model.preset = "sd3_medium"
     c.model.dtype = "bfloat16"
-    c.model.remat_policy = "dots"
+    c.model.remat_policy = "full"
     c.model.latent_shape = (128, 128, 16)
     c.distill.num_segments = 4
     c.distill.schedule = "rectified"

@@ -7,7 +7,8 @@ Per step, for a batch of B prompts (DESIGN §2):
 2. Teacher (the base with LoRA switched off, static) gives each of the K windows a start and an end:
    OTA (one CFG trajectory, one `lax.scan`) or PeRFlow interpolation (`distill.start_points`). No gradient.
 3. One student forward over `K*B` points `z_t` (t uniform in each window, on its straight line) plus, with
-   the discriminator and `adv.student_states="one_step"`, the `K*B` window starts (one batch of `2*K*B`):
+   the discriminator and `adv.student_states="one_step"`, the `K*B` window starts (one batch of `2*K*B`,
+   batch-major so every device keeps its own prompts' rows):
    `L_dist` over all windows, and `z^S = z^T_{s_k} + (s_{k-1} - s_k) v_S(z^T_{s_k}, s_k)`.
    `"rollout"` instead unrolls the student's own K steps from `eps` (Euler scan, remat per step).
 4. One discriminator forward over `[z^T_{s_{k-1}}; z^S_{s_{k-1}}]` (`2*K*B`), its gradients split between
@@ -48,12 +49,20 @@ from flowsteer_jax.models.lora import set_lora_enabled
 STUDENT_STATES = ("one_step", "rollout")
 
 
-def _flat(x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+def _batch_major(x: jax.Array) -> jax.Array:
+    """`(K, B, ...)` per-window arrays -> `(B, K, ...)`."""
+    return jnp.swapaxes(x, 0, 1)
+
+
+def _groups(xs: list[jax.Array]) -> jax.Array:
+    """`(B, K, ...)` arrays -> one `(B * len(xs) * K, ...)` batch, each prompt's rows together."""
+    x = jnp.stack(xs, axis=1)
+    return x.reshape(-1, *x.shape[3:])
 
 
 def _repeat(tree, n: int):
-    return jax.tree.map(lambda x: jnp.concatenate([x] * n, axis=0), tree)
+    """Each row of every leaf `n` times in a row (`[c0, c0, ..., c1, c1, ...]`), matching `_groups`."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
 def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_shape=None) -> Callable:
@@ -91,39 +100,46 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
         return nnx.merge(graphs.disc, disc_params, buffers, copy=True)(x, sigma, ctx, pooled)
 
     def loss_fn(params, frozen, starts, ends, cond, noise, key):
+        # Student and discriminator batches are laid out batch-major, `(B, groups, K, ...)` flattened: with the
+        # batch sharded over devices each device then holds its own prompts' rows, and nothing moves between
+        # devices (window-major `(K, B)` or concatenated groups would interleave devices' rows).
         s_hi, s_lo = jnp.asarray(bounds[:-1]), jnp.asarray(bounds[1:])
         b = noise.shape[0]
         student = model_fn(params["lora"], frozen["base"], True)
         v_star = losses.window_velocity(starts, ends, s_hi, s_lo)
         t, z_t = losses.window_points(key, starts, v_star, s_hi, s_lo)
-        x_in, t_in, n_cond = _flat(z_t), _flat(t), k
+        x_in, t_in = [_batch_major(z_t)], [_batch_major(t)]
         one_step = use_disc and not rollout
         if one_step:  # the window starts ride in the same student batch
-            x_in = jnp.concatenate([x_in, _flat(starts)])
-            t_in = jnp.concatenate([t_in, jnp.repeat(s_hi, b)])
-            n_cond = 2 * k
-        c = _repeat(cond, n_cond)
-        v = student(x_in, t_in * 1000.0, c["prompt_embeds"], c["pooled"])
-        aux = {"loss_dist": losses.velocity_loss(v[: k * b], _flat(v_star))}
+            x_in.append(_batch_major(starts))
+            t_in.append(jnp.broadcast_to(s_hi, (b, k)))
+        x_in, t_in = _groups(x_in), _groups(t_in)
+        c = _repeat(cond, x_in.shape[0] // b)
+        v = student(x_in, t_in * 1000.0, c["prompt_embeds"], c["pooled"]).reshape(b, -1, k, *starts.shape[2:])
+        aux = {"loss_dist": losses.velocity_loss(v[:, 0], _batch_major(v_star))}
         total = aux["loss_dist"]
         if not use_disc:
             return total, aux
         if rollout:
             step_fn = jax.checkpoint(velocity(student, cond))
             _, fake = euler(step_fn, noise, jnp.asarray(bounds), keep=tuple(range(1, k + 1)))
+            fake = _batch_major(fake)
         else:
-            fake = starts + losses._bcast(s_lo - s_hi, starts) * v[k * b :].reshape(starts.shape).astype(starts.dtype)
+            step_size = losses._bcast(s_lo - s_hi, starts[0])  # (K, 1, ...) against (B, K, ...)
+            fake = _batch_major(starts) + step_size * v[:, 1].astype(starts.dtype)
+        real = _batch_major(ends)
+        x_d = _groups([real, fake.astype(real.dtype)])
+        sig = jnp.broadcast_to(s_lo, (b, 2, k)).reshape(-1)
         cd = _repeat(cond, 2 * k)
-        sig = jnp.tile(jnp.repeat(s_lo, b), 2)
-        x_d = jnp.concatenate([_flat(ends), _flat(fake.astype(ends.dtype))])
         (logit_d, _), (logit_g, feats_g) = losses.split_gradients(
             disc_forward, params["disc"], x_d, sig, cd["prompt_embeds"], cd["pooled"], frozen["disc"]
         )
-        n = k * b
-        aux["loss_disc"] = losses.hinge_d_loss(logit_d[:n], logit_d[n:])
-        aux["loss_adv"] = losses.adversarial_loss(logit_g[n:])
-        aux["loss_fm"] = losses.feature_matching([f[:n] for f in feats_g], [f[n:] for f in feats_g])
-        aux["d_real"], aux["d_fake"] = jnp.mean(logit_d[:n]), jnp.mean(logit_d[n:])
+        pairs = lambda x: x.reshape(b, 2, k, *x.shape[1:])  # noqa: E731  (real, fake) of each prompt and window
+        logit_d, logit_g, feats_g = pairs(logit_d), pairs(logit_g), [pairs(f) for f in feats_g]
+        aux["loss_disc"] = losses.hinge_d_loss(logit_d[:, 0], logit_d[:, 1])
+        aux["loss_adv"] = losses.adversarial_loss(logit_g[:, 1])
+        aux["loss_fm"] = losses.feature_matching([f[:, 0] for f in feats_g], [f[:, 1] for f in feats_g])
+        aux["d_real"], aux["d_fake"] = jnp.mean(logit_d[:, 0]), jnp.mean(logit_d[:, 1])
         aux["loss_student"] = total + lam_adv * aux["loss_adv"] + lam_fm * aux["loss_fm"]
         return aux["loss_student"] + aux["loss_disc"], aux
 

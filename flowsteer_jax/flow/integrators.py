@@ -70,6 +70,11 @@ def euler(
     return x if keep is None else (x, kept)
 
 
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`[a_0, b_0, a_1, b_1, ...]` along the batch."""
+    return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+
 def cfg_velocity(
     model_fn: Callable[[jax.Array, jax.Array, Any], jax.Array],
     cond: Any,
@@ -93,10 +98,12 @@ def cfg_velocity(
         return plain
 
     def guided(x: jax.Array, sigma: jax.Array) -> jax.Array:
-        # diffusers' order: unconditional half first.
-        both = jax.tree.map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
-        v = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([sigma, sigma], axis=0), both)
-        v_uncond, v_cond = jnp.split(v, 2, axis=0)
+        # Each sample's unconditional and conditional rows side by side (batch-major), not diffusers' two halves:
+        # with the batch sharded over devices every device keeps its own rows (stacking halves moves them).
+        both = jax.tree.map(_interleave, uncond, cond)
+        v = model_fn(_interleave(x, x), _interleave(sigma, sigma), both)
+        v = v.reshape(x.shape[0], 2, *v.shape[1:])
+        v_uncond, v_cond = v[:, 0], v[:, 1]
         w = jnp.asarray(guidance)
         w = w.reshape(w.shape + (1,) * (v_cond.ndim - w.ndim))
         return (v_uncond + w * (v_cond - v_uncond)).astype(v_cond.dtype)

@@ -1,0 +1,119 @@
+"""The README's chip table: `chip_budget.py` over the shipped SD3 configs and chips, one subprocess per row.
+
+    python benchmarks/chip_table.py [--rows=NAME,...] [--out=docs/chip_budget.jsonl]   # hours on 2 CPU cores
+    python benchmarks/chip_table.py --render                                           # table from the JSONL
+
+Rows marked `depths` are compiled at those (shallow) depths only, the discriminator growing with them
+(`disc.num_blocks = depth`), and extrapolated linearly to the real depth (per-device GiB and FLOPs are affine
+in depth at a fixed batch and mesh): the TPU compiler needs ~6 minutes for 2 layers of SD3-Medium on this
+project's 2-core machine, hours for 24. Every other row compiles the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MEDIUM, LARGE = "configs/sd3_medium.py", "configs/sd3_5_large.py"
+FSDP8 = ("--config.mesh.shape=(1,8,1)",)
+# name: (config, chip, devices, parts, overrides, depths or None)
+ROWS = {
+    "medium-h100x1": (MEDIUM, "h100", 1, "train,student,teacher,vae", (), None),
+    "medium-h100x8": (MEDIUM, "h100", 8, "train", (), None),
+    "medium-h200x1": (MEDIUM, "h200", 1, "train", (), None),
+    "large-h100x8": (LARGE, "h100", 8, "train,student,teacher", (), None),
+    "large-h200x8": (LARGE, "h200", 8, "train", (), None),
+    "large-h200x1": (LARGE, "h200", 1, "train", ("--config.mesh.shape=(1,1,1)", "--config.train.batch_size=2"), None),
+    "medium-v5ex8": (MEDIUM, "v5e", 8, "train", FSDP8, (2, 4)),
+    "medium-v5px4": (MEDIUM, "v5p", 4, "train", ("--config.mesh.shape=(1,4,1)",), (2, 4)),
+    "medium-v6ex8": (MEDIUM, "v6e", 8, "train", FSDP8, (2, 4)),
+}
+REAL_DEPTH = {MEDIUM: (24, 12), LARGE: (38, 19)}  # (layers, discriminator blocks)
+
+
+def run_row(name: str) -> dict:
+    config, chip, devices, parts, overrides, depths = ROWS[name]
+    results = []
+    for depth in depths or (0,):
+        cmd = [sys.executable, os.path.join(HERE, "chip_budget.py"), f"--config={config}", f"--chip={chip}"]
+        cmd += [f"--devices={devices}", f"--parts={parts}", *overrides]
+        if depth:
+            cmd += [f"--layers={depth}", f"--config.disc.num_blocks={depth}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            return {"row": name, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1]}
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    if not depths:
+        return {"row": name, **results[0]}
+    return {"row": name, **extrapolate(results, REAL_DEPTH[config], depths)}
+
+
+def extrapolate(results: list[dict], real: tuple[int, int], depths: tuple[int, int]) -> dict:
+    """Affine fit in depth through two compiled depths (layers = discriminator blocks), evaluated at the real
+    model: the student/teacher part scales with its layers, the discriminator part with its blocks."""
+    (a, b), (layers, disc) = depths, real
+    lo, hi = results
+
+    def at_real(x_lo: float, x_hi: float) -> float:
+        per = (x_hi - x_lo) / (b - a)  # one layer + one discriminator block
+        # Split the slope in proportion to what a layer and a block carry (the same blocks, same batch): equal.
+        return x_lo + per * ((layers - a) + (disc - a)) / 2
+
+    out = dict(hi)
+    mem = {k: at_real(lo["train"]["memory"][k], hi["train"]["memory"][k]) for k in hi["train"]["memory"]}
+    out["train"] = {**hi["train"], "memory": mem, "flops": at_real(lo["train"]["flops"], hi["train"]["flops"])}
+    out["per_device_gib"] = mem["total_gib"]
+    out["fits"] = mem["total_gib"] <= hi["chip_gib"]
+    out["tflops_per_step"] = out["train"]["flops"] / 1e12
+    out["layers"], out["disc_blocks"] = layers, disc
+    out["extrapolated_from_depths"] = list(depths)
+    out["compiled_gib"] = {str(d): r["per_device_gib"] for d, r in zip(depths, results, strict=True)}
+    return out
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "| config | chip x devices | mesh | batch | train GiB/device | fits | TFLOP/step | >= s/step | "
+        "4-step image GiB | 28-step CFG image GiB | compile s |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | | | | error: {r['error'][:80]} | | | | | | |")
+            continue
+        mesh = "x".join(str(v) for v in r["mesh"].values())
+        note = f" (extrap. from {r['extrapolated_from_depths']} layers)" if "extrapolated_from_depths" in r else ""
+        sampler = lambda k: f"{r[k]['memory']['total_gib']:.1f}" if k in r else ""  # noqa: E731
+        lines.append(
+            f"| {r['preset']}{note} | {r['chip']} x{r['devices']} | {mesh} | {r['train']['global_batch']} | "
+            f"{r['per_device_gib']:.1f} / {r['chip_gib']:.0f} | {'yes' if r['fits'] else '**no**'} | "
+            f"{r['tflops_per_step']:.0f} | {r['step_s_lower_bound']:.1f} | {sampler('student_4step')} | "
+            f"{sampler('teacher_28step_cfg')} | {r['train']['compile_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS), help=f"of {list(ROWS)}")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "chip_budget.jsonl"))
+    p.add_argument("--render", action="store_true", help="only print the table of --out")
+    args = p.parse_args()
+    if not args.render:
+        for name in args.rows.split(","):
+            row = run_row(name)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+            print(json.dumps(row, default=float)[:300], flush=True)
+    with open(args.out) as f:
+        rows = {r["row"]: r for r in map(json.loads, f)}  # the newest run of each row
+    print(render(list(rows.values())))
+
+
+if __name__ == "__main__":
+    main()
