@@ -76,6 +76,10 @@ def extrapolate(results: list[dict], real: tuple[int, int], depths: tuple[int, i
     return out
 
 
+def _gib(row: dict, part: str) -> str:
+    return f"{row[part]['memory']['total_gib']:.1f}" if part in row else ""
+
+
 def render(rows: list[dict]) -> str:
     lines = [
         "| config | chip x devices | mesh | batch | train GiB/device | fits | TFLOP/step | >= s/step | "
@@ -88,12 +92,11 @@ def render(rows: list[dict]) -> str:
             continue
         mesh = "x".join(str(v) for v in r["mesh"].values())
         note = f" (extrap. from {r['extrapolated_from_depths']} layers)" if "extrapolated_from_depths" in r else ""
-        sampler = lambda k: f"{r[k]['memory']['total_gib']:.1f}" if k in r else ""  # noqa: E731
         lines.append(
             f"| {r['preset']}{note} | {r['chip']} x{r['devices']} | {mesh} | {r['train']['global_batch']} | "
             f"{r['per_device_gib']:.1f} / {r['chip_gib']:.0f} | {'yes' if r['fits'] else '**no**'} | "
-            f"{r['tflops_per_step']:.0f} | {r['step_s_lower_bound']:.1f} | {sampler('student_4step')} | "
-            f"{sampler('teacher_28step_cfg')} | {r['train']['compile_s']:.0f} |"
+            f"{r['tflops_per_step']:.0f} | {r['step_s_lower_bound']:.1f} | {_gib(r, 'student_4step')} | "
+            f"{_gib(r, 'teacher_28step_cfg')} | {r['train']['compile_s']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """One-GPU device check: bf16 parity with diffusers, SD3-Medium forward, a real train step, 4-step sampling.
 
-    bash benchmarks/device_check.sh [--config=configs/sd3_medium_1gpu.py] [--set train.batch_size=2 ...]
+    bash benchmarks/device_check.sh [--config=configs/sd3_medium.py] [--set train.batch_size=2 ...]
     python benchmarks/device_check.py --small        # every part at toy sizes: the plumbing, on a CPU
 
 Meant for one H100/H200 and a short session (under 8 minutes): each part runs on its own, a failing part
@@ -66,9 +66,7 @@ from flowsteer_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 # Run order. The train step (JAX's memory peak: its pool never shrinks, torch's cache is emptied after each part)
 # comes after the torch-heavy parts; diffusers + torch.compile (long compile, least needed) is last.
 PARTS = ("parity_mmdit", "parity_pipeline", "forward", "sampling", "train", "sampling_compiled")
-DEFAULT_CONFIG = "configs/sd3_medium_1gpu.py"
-# Used when DEFAULT_CONFIG does not exist: SD3-Medium's config shrunk to fit one 80 GB GPU.
-FALLBACK_CONFIG, FALLBACK_OVERRIDES = "configs/sd3_medium.py", ("train.batch_size=4", "model.remat_policy=full")
+DEFAULT_CONFIG = "configs/sd3_medium.py"  # the paper's setting; fits one 80 GB GPU (README chip table)
 PEAK_BF16_FLOPS = chips.CHIPS["h100"].peak_bf16_tflops * 1e12  # H100 and H200: the same dense bf16 peak
 GiB = 2**30
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -537,9 +535,7 @@ def load_config(path: str, overrides: list[str], small: bool) -> tuple[ml_collec
     """The train config of `path` (`get_config()`) with `key=value` overrides; returns (config, description)."""
     overrides = list(overrides)
     if not os.path.exists(path):
-        if path != DEFAULT_CONFIG:
-            raise FileNotFoundError(f"--config={path}: no such file")
-        path, overrides = FALLBACK_CONFIG, [*FALLBACK_OVERRIDES, *overrides]
+        raise FileNotFoundError(f"--config={path}: no such file")
     spec = importlib.util.spec_from_file_location("device_check_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -817,7 +813,7 @@ def part_sampling_compiled(report: Report, sizes: Sizes, config, out: dict, budg
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="toy sizes everywhere (a CPU run of the plumbing)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"train config file (missing default: {FALLBACK_CONFIG})")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="train config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train config override, repeatable")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
     p.add_argument("--budget_s", type=float, default=455.0, help="print the results and exit after this long")
