@@ -59,3 +59,24 @@ def test_tpu_topologies():
     assert chips.tpu_topology_name(chips.CHIPS["v6e"], 8) == "v6e:2x4"
     with pytest.raises(ValueError, match="powers of two"):
         chips.tpu_topology_name(chips.CHIPS["v5e"], 6)
+
+
+def test_fsdp_needs_no_more_temporaries_than_data_parallelism():
+    """Per device, the same batch per device: FSDP over 4 GPUs vs pure data parallelism, on the GPU compiler.
+
+    Before the student/discriminator batches were batch-major (and CFG rows interleaved), XLA moved activations
+    between devices under sharding (collective-permutes of whole token batches). TPU is checked at SD3's width by
+    `benchmarks/chip_budget.py` (README): at this tiny width the weights are smaller than the activations and
+    XLA's TPU partitioner rightly trades differently.
+    """
+    chip = "h100"
+    temps = {}
+    for mesh in ((4, 1, 1), (1, 4, 1)):
+        config = tiny_config()
+        config.model.dtype = "bfloat16"
+        config.mesh.shape = mesh
+        config.train.batch_size = 8
+        with jax.default_matmul_precision("default"):
+            report = budget(config, chip, 4, ("train",), transformer=TINY)
+        temps[mesh] = report["train"]["memory"]["temporaries_gib"]
+    assert temps[(1, 4, 1)] <= 1.25 * temps[(4, 1, 1)], temps
