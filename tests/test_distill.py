@@ -213,6 +213,13 @@ def test_discriminator_is_a_copy_of_the_first_blocks():
         Discriminator(TINY, 3, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("attention", ["cudnn", "splash", None])
+def test_discriminator_uses_the_models_attention_kernel(attention):
+    model = MMDiT(TINY, rngs=nnx.Rngs(0), implementation=attention)
+    disc = Discriminator.from_mmdit(model, 2, rngs=nnx.Rngs(1))
+    assert [blk.attn.implementation for blk in disc.transformer_blocks] == [attention] * 2
+
+
 # --- The train step ----------------------------------------------------------------------------------
 
 
