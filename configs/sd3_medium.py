@@ -9,10 +9,14 @@ out are our documented defaults (DESIGN §2, `flowsteer_jax/distill/config.py`):
 and FFN projection, lr 1e-4 (LoRA) and 1e-4 (discriminator), 28 teacher Euler steps per trajectory (7 per
 segment), batch 8 (hinge needs >= 2 per device).
 
-Devices: the batch shards over ('data', 'fsdp'); on one 80 GB GPU keep `mesh.shape=(1, 1, 1)`; on a pod use
-FSDP for the frozen base, e.g. `--config.mesh.shape="(-1, 8, 1)"` (8-way FSDP inside each data replica), with
-`--config.train.batch_size` a multiple of all devices. Multi-host: `--config.distributed.auto=True` on TPU pods
-or SLURM (`jax.distributed.initialize()` reads the environment).
+Fits (XLA's compilers, `python benchmarks/chip_budget.py --config=configs/sd3_medium.py --chip=h100`; README table):
+the smallest GPU setting is **one 80 GB H100 at 66.1 GiB per device** (remat "full"; "dots" would need 462.7 GiB),
+with cuDNN flash attention (chosen on GPUs). On TPUs, shard the base and the discriminator with FSDP, e.g.
+`--config.mesh.shape="(1,8,1)"` on a v5e-8 (16 GiB per chip) — see the README's table for each slice.
+
+Devices: the batch shards over ('data', 'fsdp'), `--config.train.batch_size` a multiple of the devices on those axes.
+Multi-host: `--config.distributed.auto=True` on TPU pods or SLURM (`jax.distributed.initialize()` reads the
+environment).
 """
 
 from flowsteer_jax.distill.config import default_config
