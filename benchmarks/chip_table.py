@@ -25,6 +25,7 @@ FSDP8 = ("--config.mesh.shape=(1,8,1)",)
 ROWS = {
     "medium-h100x1": (MEDIUM, "h100", 1, "train,student,teacher,vae", (), None),
     "medium-h100x8": (MEDIUM, "h100", 8, "train", (), None),
+    "medium-h100x8-dp": (MEDIUM, "h100", 8, "train", ("--config.mesh.shape=(8,1,1)",), None),
     "medium-h200x1": (MEDIUM, "h200", 1, "train", (), None),
     "large-h100x8": (LARGE, "h100", 8, "train,student,teacher", (), None),
     "large-h200x8": (LARGE, "h200", 8, "train", (), None),

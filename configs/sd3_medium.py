@@ -38,6 +38,9 @@ def get_config():
     c.loss.lambda_adv, c.loss.lambda_fm = 0.5, 1.0
     c.train.num_steps = 10_000
     c.train.batch_size = 8
+    # FSDP over every device: on one GPU (1, 1, 1); on 8, the base and discriminator split 8-way (11.3 GiB per H100,
+    # against 76.6 GiB with the same batch under pure data parallelism, (8, 1, 1): README table).
+    c.mesh.shape = (1, -1, 1)
     c.checkpoint.every_steps = 500
     c.eval.every_steps = 500
     c.optim.lora.total_steps = c.optim.disc.total_steps = 10_000
