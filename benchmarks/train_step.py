@@ -18,6 +18,7 @@ step at 1024² (latent 128x128x16), 1 prompt per device; on N devices with FSDP 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,19 +28,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
 GiB = 2**30
 
 
@@ -149,7 +137,8 @@ def memory(args) -> dict:
     from flax import nnx
 
     from flowsteer_jax.distill import abstract_train_state, default_config, make_step
-    from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
+    from flowsteer_jax.models.mmdit import MMDiT
+    from flowsteer_jax.models.presets import TRANSFORMERS
     from flowsteer_jax.parallel import make_mesh
 
     n = len(jax.devices())
@@ -157,11 +146,12 @@ def memory(args) -> dict:
     config.model.remat_policy = args.remat
     config.model.latent_shape = (128, 128, 16)
     config.mesh.shape = (1, n, 1)
-    layers = args.sd3_layers or SD3_MEDIUM["num_layers"]
+    sd3_medium = TRANSFORMERS["sd3_medium"]
+    layers = args.sd3_layers or sd3_medium.num_layers
     # Fewer layers keep SD3-Medium's width and the discriminator's share (12 of 24 blocks): compile two depths
     # and extrapolate linearly in depth when the full model does not compile on the machine at hand.
     config.disc.num_blocks = max(1, layers // 2)
-    cfg = MMDiTConfig(**{**SD3_MEDIUM, "num_layers": layers})
+    cfg = dataclasses.replace(sd3_medium, num_layers=layers)
     mesh = make_mesh(config.mesh.shape)
     t0 = time.perf_counter()
     state, frozen, graphs = abstract_train_state(
