@@ -3,10 +3,11 @@
     python benchmarks/chip_table.py [--rows=NAME,...] [--out=docs/chip_budget.jsonl]   # hours on 2 CPU cores
     python benchmarks/chip_table.py --render                                           # table from the JSONL
 
-Rows marked `depths` are compiled at those (shallow) depths only, the discriminator growing with them
-(`disc.num_blocks = depth`), and extrapolated linearly to the real depth (per-device GiB and FLOPs are affine
-in depth at a fixed batch and mesh): the TPU compiler needs ~6 minutes for 2 layers of SD3-Medium on this
-project's 2-core machine, hours for 24. Every other row compiles the whole model.
+Rows marked `depths` are compiled at those (shallow) depths only, with the real model's ratio of discriminator
+blocks to layers (1:2: 12 of 24, 19 of 38), and extrapolated linearly along that line to the real depth: per-device
+memory and FLOPs are affine in (layers, blocks) at a fixed batch and mesh, so two points on the line fix it. The
+TPU compiler needs minutes for a few layers of SD3 on this project's 2-core machine, hours for all 24; every other
+row compiles the whole model.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ ROWS = {
     "large-h100x8": (LARGE, "h100", 8, "train,student,teacher", (), None),
     "large-h200x8": (LARGE, "h200", 8, "train", (), None),
     "large-h200x1": (LARGE, "h200", 1, "train", ("--config.mesh.shape=(1,1,1)", "--config.train.batch_size=2"), None),
+    # The extrapolation checked against the whole compiled model (medium-h100x1): same program, two depths.
+    "medium-h100x1-extrapolated": (MEDIUM, "h100", 1, "train", (), (2, 4)),
     "medium-v5ex8": (MEDIUM, "v5e", 8, "train", FSDP8, (2, 4)),
     "medium-v5px4": (MEDIUM, "v5p", 4, "train", ("--config.mesh.shape=(1,4,1)",), (2, 4)),
     "medium-v6ex8": (MEDIUM, "v6e", 8, "train", FSDP8, (2, 4)),
@@ -44,7 +47,7 @@ def run_row(name: str) -> dict:
         cmd = [sys.executable, os.path.join(HERE, "chip_budget.py"), f"--config={config}", f"--chip={chip}"]
         cmd += [f"--devices={devices}", f"--parts={parts}", *overrides]
         if depth:
-            cmd += [f"--layers={depth}", f"--config.disc.num_blocks={depth}"]
+            cmd += [f"--layers={depth}", f"--config.disc.num_blocks={depth // 2}"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             return {"row": name, "error": (proc.stdout + proc.stderr).strip().splitlines()[-1]}
@@ -55,22 +58,17 @@ def run_row(name: str) -> dict:
 
 
 def extrapolate(results: list[dict], real: tuple[int, int], depths: tuple[int, int]) -> dict:
-    """Affine fit in depth through two compiled depths (layers = discriminator blocks), evaluated at the real
-    model: the student/teacher part scales with its layers, the discriminator part with its blocks."""
+    """The line through the two compiled depths (blocks = layers / 2), evaluated at the real depth."""
     (a, b), (layers, disc) = depths, real
     lo, hi = results
-
-    def at_real(x_lo: float, x_hi: float) -> float:
-        per = (x_hi - x_lo) / (b - a)  # one layer + one discriminator block
-        # Split the slope in proportion to what a layer and a block carry (the same blocks, same batch): equal.
-        return x_lo + per * ((layers - a) + (disc - a)) / 2
-
+    at_real = lambda x_lo, x_hi: x_lo + (x_hi - x_lo) * (layers - a) / (b - a)  # noqa: E731
     out = dict(hi)
     mem = {k: at_real(lo["train"]["memory"][k], hi["train"]["memory"][k]) for k in hi["train"]["memory"]}
     out["train"] = {**hi["train"], "memory": mem, "flops": at_real(lo["train"]["flops"], hi["train"]["flops"])}
     out["per_device_gib"] = mem["total_gib"]
     out["fits"] = mem["total_gib"] <= hi["chip_gib"]
     out["tflops_per_step"] = out["train"]["flops"] / 1e12
+    out["step_s_lower_bound"] = at_real(lo["step_s_lower_bound"], hi["step_s_lower_bound"])
     out["layers"], out["disc_blocks"] = layers, disc
     out["extrapolated_from_depths"] = list(depths)
     out["compiled_gib"] = {str(d): r["per_device_gib"] for d, r in zip(depths, results, strict=True)}
