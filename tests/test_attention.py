@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flowsteer_jax.models.attention import (
+    _flash_applies,
     chunked_attention,
     dot_product_attention,
     padded_attention,
@@ -106,3 +107,8 @@ def test_implementation_follows_the_platform():
     assert resolve_implementation("xla", "gpu") == "xla"
     with pytest.raises(ValueError, match="flash"):
         resolve_implementation("flash", "gpu")
+    # The chosen flash kernel steps aside for what it cannot take: cuDNN in float32, masks, the VAE's 512-wide head.
+    q16, q32, wide = jnp.zeros((1, 8, 2, 64), jnp.bfloat16), jnp.zeros((1, 8, 2, 64)), jnp.zeros((1, 8, 1, 512))
+    assert _flash_applies("cudnn", q16, True) and _flash_applies("splash", q32, True)
+    assert not _flash_applies("cudnn", q32, True) and not _flash_applies("cudnn", q16, False)
+    assert not _flash_applies("splash", wide, True)

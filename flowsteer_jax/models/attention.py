@@ -89,15 +89,13 @@ def dot_product_attention(
     compile-only GPU/TPU target counts): cuDNN flash on GPU, splash on TPU, XLA elsewhere. The flash kernels
     serve plain attention (MMDiT, discriminator) at any sequence length, padded exactly; attention with a bias,
     mask or causal mask (the text encoders, short sequences) takes XLA unless a kernel is named explicitly, and
-    heads wider than the kernels allow (the VAE) run in query chunks on GPU/TPU.
-
-    On CPU the XLA math is written out in `(B, N, T, H)` layout with the softmax normalisation applied after
-    the value product: XLA:CPU then runs contiguous batched GEMMs and one pass less over the logits.
+    heads wider than the kernels allow (the VAE) run in query chunks on GPU/TPU, as does float32 on GPU (cuDNN's
+    fused kernels take half precision). On CPU, XLA attention runs in a CPU-friendly layout (`_cpu_attention`).
     """
     platform = parallel.current_platform()
     plain = bias is None and mask is None and not is_causal
     impl = resolve_implementation(implementation, platform)
-    if implementation is None and not (plain and q.shape[-1] <= MAX_FLASH_HEAD_DIM):
+    if implementation is None and not _flash_applies(impl, q, plain):
         impl = "xla"
     if impl == "cudnn" and plain:
         return padded_attention(q, k, v, scale=scale, implementation="cudnn")
@@ -105,12 +103,25 @@ def dot_product_attention(
         if not plain:
             raise ValueError("splash attention takes no bias, mask or causal mask; use 'xla' or 'cudnn'")
         return splash_attention(q, k, v, scale=scale, interpret=platform != "tpu")
-    if impl == "cudnn" or platform != "cpu":
-        if implementation is None and plain and platform in AUTO_IMPLEMENTATION and q.shape[1] > QUERY_CHUNK:
-            return chunked_attention(q, k, v, scale=scale)
-        return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
-        )
+    if impl == "xla" and platform == "cpu":
+        return _cpu_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale)
+    if implementation is None and plain and q.shape[1] > QUERY_CHUNK:  # a wide head on GPU/TPU
+        return chunked_attention(q, k, v, scale=scale)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
+    )
+
+
+def _flash_applies(impl: str, q: jax.Array, plain: bool) -> bool:
+    """Whether the platform's flash kernel serves this attention: no bias/mask, head width and (cuDNN) dtype."""
+    if impl == "xla" or not plain or q.shape[-1] > MAX_FLASH_HEAD_DIM:
+        return False
+    return impl != "cudnn" or q.dtype in (jnp.bfloat16, jnp.float16)  # cuDNN's fused kernels: half precision
+
+
+def _cpu_attention(q, k, v, *, bias, mask, is_causal, scale) -> jax.Array:
+    """XLA attention in `(B, N, T, H)` layout with the softmax normalisation after the value product: XLA:CPU
+    then runs contiguous batched GEMMs and makes one pass less over the logits."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = (t.swapaxes(1, 2) for t in (q, k, v))
     logits = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32) * scale
