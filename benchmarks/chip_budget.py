@@ -22,6 +22,7 @@ import json
 import re
 import sys
 import time
+import types
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -57,9 +58,33 @@ def _kernels(compiled) -> list[str]:
     return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
 
 
+class _Refused:
+    """A program the TPU compiler refused for lack of HBM: what it said it needed stands in for the analysis."""
+
+    def __init__(self, message: str, temporaries_gib: float):
+        self.message, self.temporaries_gib = message, temporaries_gib
+
+    def memory_analysis(self):
+        zero = dict(argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0)
+        return types.SimpleNamespace(temp_size_in_bytes=self.temporaries_gib * GiB, **zero)
+
+    def as_text(self) -> str:
+        return ""
+
+
 def _compile(fn, *args, **kwargs) -> tuple[object, float]:
+    import jax
+
     t0 = time.perf_counter()
-    compiled = fn.lower(*args, **kwargs).compile()
+    try:
+        compiled = fn.lower(*args, **kwargs).compile()
+    except jax.errors.JaxRuntimeError as e:
+        # "CompileTimeHbmOom: ... the total memory required for HLO temporaries (18.79G) exceeds available HBM":
+        # a measured "does not fit" (temporaries alone; arguments come on top).
+        need = re.search(r"CompileTimeHbmOom.*?HLO temporaries \(([\d.]+)G\)", str(e), re.DOTALL)
+        if need is None:
+            raise
+        compiled = _Refused(str(e).splitlines()[0], float(need.group(1)))
     return compiled, time.perf_counter() - t0
 
 
@@ -128,6 +153,7 @@ def train_budget(config, cfg, mesh) -> dict:
     return {
         "memory": _memory(compiled),
         "kernels": _kernels(compiled),
+        "refused": getattr(compiled, "message", None),
         "flops": _flops(*_flat(_train_program(config, cfg, mesh, "xla"))),
         "compile_s": seconds,
         "global_batch": b,

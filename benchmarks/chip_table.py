@@ -33,9 +33,9 @@ ROWS = {
     "large-h200x1": (LARGE, "h200", 1, "train", ("--config.mesh.shape=(1,1,1)", "--config.train.batch_size=2"), None),
     # The extrapolation checked against the whole compiled model (medium-h100x1): same program, two depths.
     "medium-h100x1-extrapolated": (MEDIUM, "h100", 1, "train", (), (2, 4)),
-    "medium-v5ex8": (MEDIUM, "v5e", 8, "train", FSDP8, (2, 4)),
+    "medium-v5ex8": (MEDIUM, "v5e", 8, "train", FSDP8, None),
     "medium-v5px4": (MEDIUM, "v5p", 4, "train", ("--config.mesh.shape=(1,4,1)",), (2, 4)),
-    "medium-v6ex8": (MEDIUM, "v6e", 8, "train", FSDP8, (2, 4)),
+    "medium-v6ex8": (MEDIUM, "v6e", 8, "train", FSDP8, None),
 }
 REAL_DEPTH = {MEDIUM: (24, 12), LARGE: (38, 19)}  # (layers, discriminator blocks)
 
@@ -90,10 +90,12 @@ def render(rows: list[dict]) -> str:
             lines.append(f"| {r['row']} | | | | error: {r['error'][:80]} | | | | | | |")
             continue
         mesh = "x".join(str(v) for v in r["mesh"].values())
+        refused = r["train"].get("refused")  # the TPU compiler's CompileTimeHbmOom: temporaries alone
         note = f" (extrap. from {r['extrapolated_from_depths']} layers)" if "extrapolated_from_depths" in r else ""
         lines.append(
             f"| {r['preset']}{note} | {r['chip']} x{r['devices']} | {mesh} | {r['train']['global_batch']} | "
-            f"{r['per_device_gib']:.1f} / {r['chip_gib']:.0f} | {'yes' if r['fits'] else '**no**'} | "
+            f"{'> ' if refused else ''}{r['per_device_gib']:.1f} / {r['chip_gib']:.0f} | "
+            f"{'yes' if r['fits'] else '**no**' + (' (compiler: out of HBM)' if refused else '')} | "
             f"{r['tflops_per_step']:.0f} | {r['step_s_lower_bound']:.1f} | {_gib(r, 'student_4step')} | "
             f"{_gib(r, 'teacher_28step_cfg')} | {r['train']['compile_s']:.0f} |"
         )
