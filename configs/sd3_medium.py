@@ -11,8 +11,9 @@ segment), batch 8 (hinge needs >= 2 per device).
 
 Fits (XLA's compilers, `python benchmarks/chip_budget.py --config=configs/sd3_medium.py --chip=h100`; README table):
 the smallest GPU setting is **one 80 GB H100 at 66.1 GiB per device** (remat "full"; "dots" would need 462.7 GiB),
-with cuDNN flash attention (chosen on GPUs). On TPUs, shard the base and the discriminator with FSDP, e.g.
-`--config.mesh.shape="(1,8,1)"` on a v5e-8 (16 GiB per chip) — see the README's table for each slice.
+with cuDNN flash attention (chosen on GPUs); 8x H100 with the default FSDP mesh: 11.3 GiB per GPU. TPUs (splash
+attention): a v6e-8 at 20.5 GiB of 32 per chip; not a v5e-8 (the compiler needs 18.8 GiB of temporaries per
+16 GiB chip). README table for each.
 
 Devices: the batch shards over ('data', 'fsdp'), `--config.train.batch_size` a multiple of the devices on those axes.
 Multi-host: `--config.distributed.auto=True` on TPU pods or SLURM (`jax.distributed.initialize()` reads the
