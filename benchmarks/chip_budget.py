@@ -8,8 +8,10 @@ mesh (the config's `mesh.shape`, one -1 filling). Builds the real train step of 
 (abstract weights of `model.preset`'s architecture, `model.latent_shape`, 77 CLIP + `data.max_sequence_length`
 T5 tokens, the config's batch, mesh, remat, discriminator, teacher steps, attention), lowers and compiles it
 for that chip without the chip (`flowsteer_jax/chips.py`), and reports XLA's own per-device memory
-(`memory_analysis`) and FLOPs (`cost_analysis`). Also (`--parts`) the 4-step student sampler, the 28-step CFG
-teacher sampler (one image per device) and the VAE decode at the latent size. Needs `requirements-aot.txt`.
+(`memory_analysis`) and the step's matmul/conv FLOPs from its jaxpr (`chips.matmul_flops`: XLA's `cost_analysis`
+is empty for the GPU target and counts a loop body once on TPU). A TPU compile refused for lack of HBM is reported
+as "does not fit" with the temporaries the compiler asked for. Also (`--parts`) the 4-step student sampler, the
+28-step CFG teacher sampler (one image per device) and the VAE decode at the latent size. Needs `requirements-aot.txt`.
 
 Prints a table, then as the last stdout line one JSON object: `per_device_gib` (train step: arguments +
 temporaries + outputs - aliased), `chip_gib`, `fits`, `tflops_per_step` (all devices), and the details.
