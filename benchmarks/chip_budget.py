@@ -129,13 +129,15 @@ def _train_program(config, cfg, mesh, attention) -> tuple:
     import jax.numpy as jnp
     from flax import nnx
 
-    from flowsteer_jax.distill import abstract_train_state, make_step
+    from flowsteer_jax.distill import abstract_train_state, make_step, model_options
     from flowsteer_jax.models.mmdit import MMDiT
     from flowsteer_jax.models.presets import CLIP_TOKENS
 
     dtype = jnp.dtype(config.model.dtype)
     state, frozen, graphs = abstract_train_state(
-        config, lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=attention), mesh=mesh
+        config,
+        lambda: MMDiT(cfg, rngs=nnx.Rngs(0), **{**model_options(config), "implementation": attention}),
+        mesh=mesh,
     )
     # Abstract leaves without shardings: `make_step`'s in_shardings place them.
     b = int(config.train.batch_size)
@@ -170,6 +172,7 @@ def _sampler_program(config, cfg, mesh, steps: int, cfg_guidance: bool, attentio
     from flax import nnx
 
     from flowsteer_jax import parallel
+    from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS
     from flowsteer_jax.models.mmdit import MMDiT
     from flowsteer_jax.models.presets import CLIP_TOKENS
     from flowsteer_jax.pipeline import _denoise_decode
@@ -184,10 +187,10 @@ def _sampler_program(config, cfg, mesh, steps: int, cfg_guidance: bool, attentio
     p = _prompt_batch(n, CLIP_TOKENS + int(config.data.max_sequence_length), cfg, dtype, rows)
     latents = jax.ShapeDtypeStruct((n, c, h, w), dtype, sharding=rows)
     sigmas = jax.ShapeDtypeStruct((steps + 1,), jnp.float32, sharding=parallel.replicated(mesh))
-    cond = (p["prompt_embeds"], p["pooled"])
-    uncond = (p["negative_prompt_embeds"], p["negative_pooled"]) if cfg_guidance else None
+    cond = {"prompt_embeds": p["prompt_embeds"], "pooled": p["pooled"]}
+    uncond = {"prompt_embeds": p["negative_prompt_embeds"], "pooled": p["negative_pooled"]} if cfg_guidance else None
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=parallel.replicated(mesh))
-    kw = dict(cfg=cfg_guidance, decode=False, num_train_timesteps=1000)
+    kw = dict(cfg=cfg_guidance, decode=False, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
     args = (state, latents, sigmas, cond, uncond, scalar)
     return lambda *a: _denoise_decode(graph, a[0], None, None, *a[1:], **kw), args
 

@@ -571,12 +571,11 @@ def _train_batch(config, cfg: MMDiTConfig, abstract: bool = False) -> dict:
 
 def _train_flops(config, cfg: MMDiTConfig, mesh) -> float:
     """Matmul FLOPs of the step traced abstractly with XLA attention (as `benchmarks/chip_budget.py`)."""
-    from flowsteer_jax.distill import abstract_train_state, make_step
+    from flowsteer_jax.distill import abstract_train_state, make_step, model_options
 
     config = config.copy_and_resolve_references()
     config.model.attention = "xla"
-    dtype = jnp.dtype(config.model.dtype)
-    build = lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation="xla")  # noqa: E731
+    build = lambda: MMDiT(cfg, rngs=nnx.Rngs(0), **{**model_options(config), "implementation": "xla"})  # noqa: E731
     state, frozen, graphs = abstract_train_state(config, build, mesh=mesh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     traced = make_step(config, graphs).trace(state, frozen, _train_batch(config, cfg, abstract=True), key)
@@ -589,10 +588,10 @@ def _gib(x: float | None) -> str:
 
 def part_train(report: Report, sizes: Sizes, config, out: dict) -> None:
     from flowsteer_jax import parallel
-    from flowsteer_jax.distill import make_step, make_train_state, place_batch
+    from flowsteer_jax.distill import make_step, make_train_state, model_options, place_batch
 
     cfg = sizes.train_mmdit or TRANSFORMERS[config.model.preset]
-    b, mesh, dtype = int(config.train.batch_size), parallel.mesh_from_config(config), jnp.dtype(config.model.dtype)
+    b, mesh = int(config.train.batch_size), parallel.mesh_from_config(config)
     out.update(
         model="small" if sizes.train_mmdit else config.model.preset,
         layers=cfg.num_layers,
@@ -604,9 +603,7 @@ def part_train(report: Report, sizes: Sizes, config, out: dict) -> None:
         disc_blocks=int(config.disc.num_blocks),
         attention=config.model.attention or "auto",
     )
-    base = _random_module(
-        lambda: MMDiT(cfg, rngs=nnx.Rngs(config.seed), dtype=dtype, implementation=config.model.attention or None)
-    )
+    base = _random_module(lambda: MMDiT(cfg, rngs=nnx.Rngs(config.seed), **model_options(config)))
     state, frozen, graphs = make_train_state(config, base, mesh=mesh)
     del base
     batch, key = place_batch(_train_batch(config, cfg), graphs), jax.random.PRNGKey(config.seed)
@@ -692,7 +689,7 @@ def _ours_sampling(sizes: Sizes, inputs: dict[str, np.ndarray]) -> dict:
     v_graph, v_state = nnx.split(vae)
     bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inputs.items()}
     sigmas = jnp.asarray(make_sigmas(STEPS, "diffusers", 3.0))
-    cond = (bf16["prompt_embeds"], bf16["pooled"])
+    cond = {"prompt_embeds": bf16["prompt_embeds"], "pooled": bf16["pooled"]}
 
     def run() -> np.ndarray:
         _, images = _denoise_decode(

@@ -92,7 +92,7 @@ def throughput(args) -> dict:
         config.distill.teacher_steps = args.teacher_steps
         config.distill.start_points = mode
         config.mesh.shape = (-1, 1, 1)
-        state, frozen, graphs = make_train_state(config, MMDiT(cfg, rngs=nnx.Rngs(0)))
+        state, frozen, graphs = make_train_state(config, MMDiT(cfg, rngs=nnx.Rngs(0), remat_policy=args.remat or None))
         batch, rng = place_batch(batch_host, graphs), jax.random.PRNGKey(0)
         step = make_step(config, graphs)
         t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def memory(args) -> dict:
     mesh = make_mesh(config.mesh.shape)
     t0 = time.perf_counter()
     state, frozen, graphs = abstract_train_state(
-        config, lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16), mesh=mesh
+        config, lambda: MMDiT(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat_policy=args.remat or None), mesh=mesh
     )
     b = n * args.per_device_batch
     sds = jax.ShapeDtypeStruct

@@ -2,13 +2,17 @@
 
 Parameters carry `logical_axes` metadata; a rules table (from the config) maps each logical name to mesh
 axes. A mesh axis that does not divide a dimension is dropped for that dimension, so one rules table works
-from 1 device to a pod and for tiny test models alike.
+from 1 device to a pod and for tiny test models alike. Activations are pinned the same way, by logical name:
+`constrain(x, ("batch", None, None))` resolves through the rules and mesh a program is traced under
+(`traced_on`), and is a no-op outside one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -85,15 +89,45 @@ def compiler_options(mesh: Mesh) -> dict | None:
     return dict(GPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "gpu" else None
 
 
-def traced_on(mesh: Mesh, fn):
-    """`fn` traced under `mesh`'s abstract mesh, so the code inside sees the target (`current_platform`)."""
+# The logical-axis rules of the program being traced (`traced_on`); None outside one. A context variable, like
+# jax's own mesh context: scoped to the trace, so nothing leaks between programs or threads.
+_RULES: contextvars.ContextVar[Mapping[str, MeshAxes] | None] = contextvars.ContextVar("flowsteer_rules", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Mapping[str, MeshAxes]) -> Iterator[None]:
+    """Within the block, `constrain` resolves logical names through `rules`."""
+    token = _RULES.set(rules)
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def traced_on(mesh: Mesh, fn, rules: Mapping[str, MeshAxes] | None = None):
+    """`fn` traced under `mesh`'s abstract mesh (so the code inside sees the target, `current_platform`) and,
+    with `rules`, under those logical-axis rules (so `constrain` pins activations)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+            if rules is not None:
+                stack.enter_context(axis_rules(rules))
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` pinned to the sharding its logical `axes` name under the active rules and mesh; else `x` unchanged.
+
+    A no-op outside `traced_on(mesh, fn, rules)` and on a single-device mesh.
+    """
+    rules, mesh = _RULES.get(), jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
 
 def logical_sharding(
@@ -131,7 +165,20 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     return jax.make_mesh(tuple(shape), ("data", "fsdp", "tensor"), axis_types=auto, devices=devices)
 
 
-# --- Trainer helpers (distillation step): mesh from a config, shardings of whole states and batches. ---
+# --- Trainer helpers (distillation step): processes, mesh from a config, shardings of states and batches. ---
+
+
+def initialize_distributed(d) -> None:
+    """`jax.distributed.initialize` as the config's `distributed` block asks (before anything touches a device)."""
+    if d.coordinator_address:
+        if int(d.num_processes) > 1:
+            # Cross-process collectives on CPU need gloo; GPU/TPU clients ignore this setting.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=d.coordinator_address, num_processes=int(d.num_processes), process_id=int(d.process_id)
+        )
+    elif d.auto:
+        jax.distributed.initialize()
 
 
 def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from conversion import lora as lora_conv
 from conversion import sd3_transformer
 from conversion.safetensors_io import ConversionError
-from flowsteer_jax.flow.integrators import cfg_velocity, euler
+from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS, Cond, model_velocity, sample
 from flowsteer_jax.flow.schedules import KINDS, scheduler_settings
 from flowsteer_jax.flow.schedules import sigmas as make_sigmas
 from flowsteer_jax.models.loading import load_transformer, load_vae, pipeline_component
@@ -56,8 +56,8 @@ def _denoise_decode(
     v_state,
     latents: jax.Array,  # (B, C, h, w), diffusers' layout
     sigmas: jax.Array,  # (n + 1,)
-    cond: tuple[jax.Array, jax.Array],  # (prompt_embeds, pooled)
-    uncond: tuple[jax.Array, jax.Array] | None,
+    cond: Cond,  # {"prompt_embeds", "pooled"}
+    uncond: Cond | None,
     guidance: jax.Array,  # ()
     *,
     cfg: bool,
@@ -68,14 +68,8 @@ def _denoise_decode(
 
     Returns (NCHW latents, NHWC images in [0, 1] float32 or None).
     """
-    mmdit = nnx.merge(t_graph, t_state)
-
-    def model_fn(x, sigma, c):
-        embeds, pooled = c
-        return mmdit(x, sigma * num_train_timesteps, embeds, pooled)
-
-    velocity = cfg_velocity(model_fn, cond, uncond, guidance if cfg else 0.0)
-    x = euler(velocity, latents.transpose(0, 2, 3, 1), sigmas)
+    model_fn = model_velocity(nnx.merge(t_graph, t_state), num_train_timesteps)
+    x = sample(model_fn, latents.transpose(0, 2, 3, 1), sigmas, cond, uncond, guidance if cfg else 0.0)
     images = None
     if decode:
         vae = nnx.merge(v_graph, v_state)
@@ -118,7 +112,7 @@ class SD3Pipeline:
         vae: AutoencoderKL,
         *,
         shift: float = 3.0,
-        num_train_timesteps: int = 1000,
+        num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
         mesh: Mesh | None = None,
         rules: dict[str, MeshAxes] = DEFAULT_RULES,
     ):
@@ -342,8 +336,9 @@ class SD3Pipeline:
                 raise ValueError(f"latents must be NCHW with (batch, channels) = {want}, got shape {latents.shape}")
         # diffusers casts the noise to the prompt embeddings' dtype (prepare_latents)
         latents = latents.astype(self.dtype)
-        cond = (emb.prompt_embeds, emb.pooled_prompt_embeds)
-        uncond = (emb.negative_prompt_embeds, emb.negative_pooled_prompt_embeds) if cfg else None
+        cond = {"prompt_embeds": emb.prompt_embeds, "pooled": emb.pooled_prompt_embeds}
+        uncond = {"prompt_embeds": emb.negative_prompt_embeds, "pooled": emb.negative_pooled_prompt_embeds}
+        uncond = uncond if cfg else None
         latents, cond, uncond = self._place((latents, cond, uncond))
         sigmas = jnp.asarray(self.sigmas(num_inference_steps, schedule))
         t_graph, t_state = self._transformer_split

@@ -17,15 +17,12 @@ and noise in `WORKDIR/samples/`. Orbax writes the checkpoint from every process.
 loss or gradient changes nothing (the step keeps the old state); `train.max_bad_steps` of them in a row abort
 the run with the last good checkpoint kept.
 
-A "world" supplies what differs between the real SD3 setting and the embedded digits default: the base
-transformer folder, the prompts, their encoder, the decoder for sample grids and (for PeRFlow's
-interpolated start points) data latents.
+What is trained on comes from a world (`flowsteer_jax.worlds`, chosen by `config.world`): the SD3 folder and
+a prompt file, the embedded digits world, or a module of your own.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,147 +44,32 @@ from ml_collections import config_flags
 
 from flowsteer_jax import parallel
 from flowsteer_jax.checkpoint import Checkpointer
-from flowsteer_jax.data import EmbeddingCache, PromptLoader, load_prompts
-from flowsteer_jax.distill import make_step, make_train_state
+from flowsteer_jax.data import EmbeddingCache, PromptLoader
+from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.ota import window_boundaries
-from flowsteer_jax.flow.integrators import euler
+from flowsteer_jax.flow.sampling import model_velocity
+from flowsteer_jax.flow.sampling import sample as flow_sample
+from flowsteer_jax.images import save_grid
 from flowsteer_jax.models.lora import set_lora_enabled
+from flowsteer_jax.worlds import World, make_world
 
 log = logging.getLogger("flowsteer_jax.train")
-
-Embeds = dict[str, np.ndarray]  # {"prompt_embeds": (B, S, J), "pooled": (B, P)}
 
 
 class TrainingAborted(RuntimeError):
     pass
 
 
-@dataclasses.dataclass
-class World:
-    """What the run trains on. `encode` and `decode` run on the calling process's own devices."""
-
-    model_path: str  # what the checkpoint records as the base
-    transformer_folder: str  # diffusers `transformer/` folder of the base (teacher) weights
-    prompts: Sequence[str]  # the training items
-    encode: Callable[[list[str]], Embeds]
-    decode: Callable[[np.ndarray], np.ndarray]  # NHWC latents -> NHWC images in [0, 1]
-    latent_shape: tuple[int, int, int] | None = None  # None: from the config / the transformer
-    x0: Callable[[np.ndarray], np.ndarray] | None = None  # item indices -> data latents (PeRFlow start points)
-    eval_prompts: Sequence[str] | None = None  # None: config.eval.prompts
-    finish: Callable[..., Any] | None = None  # after training, every process: (config, workdir, student, stats)
-    fingerprint: str = ""  # identifies prompts + encoder for the embedding cache
-
-
-def init_distributed(config: ml_collections.ConfigDict) -> None:
-    """`jax.distributed.initialize` when the config asks (before anything touches a device)."""
-    d = config.distributed
-    if d.coordinator_address:
-        if int(d.num_processes) > 1:
-            # Cross-process collectives on CPU need gloo; GPU/TPU clients ignore this setting.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=d.coordinator_address, num_processes=int(d.num_processes), process_id=int(d.process_id)
-        )
-    elif d.auto:
-        jax.distributed.initialize()
-
-
-def _file_fingerprint(*parts: str) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def sd3_world(config: ml_collections.ConfigDict, workdir: str) -> World:
-    """A diffusers SD3 folder (`model.path`) and a prompt file (`data.prompts`)."""
-    from flowsteer_jax.models.loading import load_vae
-    from flowsteer_jax.text import SD3PromptEncoder
-
-    path = config.model.path
-    if not path:
-        raise ValueError(
-            "set --config.model.path to a diffusers SD3 folder (or make a tiny one: "
-            "python -m flowsteer_jax.tools.tiny_model --out=DIR)"
-        )
-    if not os.path.isdir(os.path.join(path, "transformer")):
-        raise FileNotFoundError(f"model.path {path!r} has no transformer/ folder: not a diffusers SD3 pipeline")
-    if not config.data.prompts:
-        raise ValueError("set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
-    prompts = load_prompts(config.data.prompts)
-    dtype = jnp.dtype(config.model.dtype)
-    encoder = SD3PromptEncoder.from_pretrained(path, dtype)
-    max_len = int(config.data.max_sequence_length)
-
-    def encode(batch: list[str]) -> Embeds:
-        out = encoder.encode_prompt(batch, do_classifier_free_guidance=False, max_sequence_length=max_len)
-        return {"prompt_embeds": np.asarray(out.prompt_embeds), "pooled": np.asarray(out.pooled_prompt_embeds)}
-
-    decoder: list = []  # built on first use (only process 0 draws sample grids), then compiled once
-
-    def decode(latents: np.ndarray) -> np.ndarray:
-        if not decoder:
-            graphdef, state = nnx.split(load_vae(os.path.join(path, "vae"), dtype))
-            fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode_latents(z))
-            decoder.append(lambda z: fn(state, z))
-        images = decoder[0](jnp.asarray(latents, dtype))
-        return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
-
-    with open(config.data.prompts, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return World(
-        model_path=os.path.abspath(path),
-        transformer_folder=os.path.join(path, "transformer"),
-        prompts=prompts,
-        encode=encode,
-        decode=decode,
-        fingerprint=_file_fingerprint(os.path.abspath(path), digest, str(max_len), config.model.dtype),
-    )
-
-
-def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
-    if config.world == "sd3":
-        return sd3_world(config, workdir)
-    if config.world == "digits":
-        from flowsteer_jax.digits.world import digits_world
-
-        return digits_world(config, workdir)
-    raise ValueError(f"config.world {config.world!r} not in ('sd3', 'digits')")
-
-
-def _grid(images: np.ndarray, cols: int) -> np.ndarray:
-    n, h, w, c = images.shape
-    rows = -(-n // cols)
-    out = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.float32)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        out[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
-    return out
-
-
-def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1) -> None:
-    """NHWC images in [0, 1] -> one PNG grid (written atomically)."""
-    from PIL import Image
-
-    grid = np.round(_grid(images, cols) * 255).astype(np.uint8)
-    if scale > 1:
-        grid = grid.repeat(scale, 0).repeat(scale, 1)
-    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
-def make_sampler(graphs, bounds: np.ndarray) -> Callable:
+def make_sampler(graphs, bounds: np.ndarray, num_train_timesteps: int) -> Callable:
     """Jitted student sampling: one guidance-free Euler step per window, replicated output."""
     rep = parallel.replicated(graphs.mesh)
 
     def sample(lora, base, noise, prompt_embeds, pooled):
         model = set_lora_enabled(nnx.merge(graphs.student, lora, base, copy=True), True)
-        return euler(lambda x, s: model(x, s * 1000.0, prompt_embeds, pooled), noise, jnp.asarray(bounds))
+        cond = {"prompt_embeds": prompt_embeds, "pooled": pooled}
+        return flow_sample(model_velocity(model, num_train_timesteps), noise, jnp.asarray(bounds), cond)
 
-    return jax.jit(sample, out_shardings=rep)
+    return jax.jit(parallel.traced_on(graphs.mesh, sample, graphs.rules), out_shardings=rep)
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -252,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     from flowsteer_jax.models.loading import load_transformer
 
-    init_distributed(config)
+    parallel.initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     world = make_world(config, workdir)
@@ -271,15 +153,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.distill.start_points == "interpolate" and world.x0 is None:
         raise ValueError("distill.start_points='interpolate' (PeRFlow) needs data latents; this world has prompts only")
 
-    base = load_transformer(
-        world.transformer_folder,
-        jnp.dtype(config.model.dtype),
-        mesh=mesh,
-        rules=rules,
-        implementation=config.model.attention or None,
-    )
+    base = load_transformer(world.transformer_folder, mesh=mesh, rules=rules, **model_options(config))
     train_state, frozen, graphs = make_train_state(config, base, mesh=mesh)
-    step_fn = make_step(config, graphs, latent_shape)
+    step_fn = make_step(config, graphs, latent_shape, num_train_timesteps=world.num_train_timesteps)
     rng = jax.random.PRNGKey(int(config.seed))
     config_json = _config_dict(config)
     ckpt = Checkpointer(workdir, keep=int(config.checkpoint.keep))
@@ -316,7 +192,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     negative = world.encode([config.data.negative_prompt])
     local_b = batch_size // procs
-    batch_sharding = parallel.batch_sharding(mesh, rules)
 
     def next_batch() -> dict[str, jax.Array]:
         idx = loader.next()
@@ -329,13 +204,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         }
         if config.distill.start_points == "interpolate":
             local["x0"] = world.x0(idx)
-        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in local.items()}
+        place = jax.make_array_from_process_local_data
+        return {k: place(graphs.batch_sharding, np.asarray(v)) for k, v in local.items()}
 
     # Fixed evaluation prompts and noise: the grid shows the same samples at every evaluation.
     eval_prompts = list(world.eval_prompts if world.eval_prompts is not None else config.eval.prompts)
-    sampler = make_sampler(
-        graphs, window_boundaries(config.distill.num_segments, config.distill.schedule, config.distill.shift)
-    )
+    bounds = window_boundaries(config.distill.num_segments, config.distill.schedule, config.distill.shift)
+    sampler = make_sampler(graphs, bounds, world.num_train_timesteps)
     eval_inputs = None
     if eval_prompts:
         e = world.encode(eval_prompts)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from flowsteer_jax.distill import default_config, losses, make_step, make_train_state, ota
+from flowsteer_jax.flow.sampling import timestep
 from flowsteer_jax.flow.schedules import sigmas
 from flowsteer_jax.models.discriminator import Discriminator
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -64,7 +65,8 @@ def host(tree):
 
 def single_device_state(config):
     mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
-    return make_train_state(config, MMDiT(TINY, rngs=nnx.Rngs(0)), mesh=mesh)
+    model = MMDiT(TINY, rngs=nnx.Rngs(0), remat_policy=config.model.remat_policy or None)
+    return make_train_state(config, model, mesh=mesh)
 
 
 # --- OTA and PeRFlow start points --------------------------------------------------------------------
@@ -199,7 +201,7 @@ def test_discriminator_is_a_copy_of_the_first_blocks():
     batch = make_batch()
     x = jax.random.normal(jax.random.PRNGKey(0), (B, *LATENT))
     sigma = jnp.asarray([0.9, 0.5])
-    logits, feats = disc(x, sigma, batch["prompt_embeds"], batch["pooled"])
+    logits, feats = disc(x, timestep(sigma), batch["prompt_embeds"], batch["pooled"])
     ref = model.block_features(x, sigma * 1000, batch["prompt_embeds"], batch["pooled"], num_blocks=1)
     assert logits.shape == (B,) and len(feats) == 1
     np.testing.assert_array_equal(feats[0], ref[0][0])

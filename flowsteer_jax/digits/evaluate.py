@@ -9,7 +9,7 @@
 - Mean squared distance to a reference set (e.g. the teacher's 28-step output from the same noise and prompt).
 
 `eval_set` fixes prompts, digits and noise; `sample` integrates any MMDiT-like NNX module (the teacher, or the
-student = the same MMDiT with LoRA applied) with our `euler` + `cfg_velocity`, jitted and batched.
+student = the same MMDiT with LoRA applied) with the project's one sampler (`flow.sampling`), jitted and batched.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flowsteer_jax.digits import data
-from flowsteer_jax.flow.integrators import cfg_velocity, euler
+from flowsteer_jax.flow.sampling import model_velocity
+from flowsteer_jax.flow.sampling import sample as flow_sample
 from flowsteer_jax.flow.schedules import sigmas as make_sigmas
 
 HIDDEN = 64
 CLASSIFIER_SEED = 0
 EVAL_SEED = 1234
 REFERENCE_SEED = 4321
-NUM_TRAIN_TIMESTEPS = 1000
 
 
 class EvalSet(NamedTuple):
@@ -154,17 +154,13 @@ def evaluate(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
 def _sample_batch(graphdef, state, noise, embeds, pooled, uncond_embeds, uncond_pooled, sigmas, guidance, *, cfg):
-    model = nnx.merge(graphdef, state)
-
-    def model_fn(x, sigma, c):
-        return model(x, sigma * NUM_TRAIN_TIMESTEPS, *c)
-
+    model_fn = model_velocity(nnx.merge(graphdef, state))
+    cond = {"prompt_embeds": embeds, "pooled": pooled}
     uncond = None
     if cfg:
-        shape = lambda u, c: jnp.broadcast_to(u, c.shape)  # noqa: E731
-        uncond = (shape(uncond_embeds, embeds), shape(uncond_pooled, pooled))
-    velocity = cfg_velocity(model_fn, (embeds, pooled), uncond, guidance if cfg else 0.0)
-    x = euler(velocity, noise, sigmas)
+        uncond = {"prompt_embeds": uncond_embeds, "pooled": uncond_pooled}
+        uncond = {k: jnp.broadcast_to(u, cond[k].shape) for k, u in uncond.items()}
+    x = flow_sample(model_fn, noise, sigmas, cond, uncond, guidance if cfg else 0.0)
     return data.to_unit(x.astype(jnp.float32))
 
 
@@ -185,7 +181,7 @@ def sample(
     `encoder_outputs`: `(prompt_embeds, pooled)` for the N prompts, or `(prompt_embeds, pooled, uncond_embeds,
     uncond_pooled)` (the unconditional pair with batch 1 or N; `text.encode_with_uncond` returns this), needed
     when `guidance > 1`. `guidance <= 1`: one forward per step, no CFG. `sigmas(steps, schedule, shift)` from
-    `flow.schedules`; `model(x_nhwc, sigma * 1000, prompt_embeds, pooled) -> v`, any MMDiT-like NNX module.
+    `flow.schedules`; `model(x_nhwc, timestep, prompt_embeds, pooled) -> v`, any MMDiT-like NNX module.
     Batches of `batch_size` (the last one padded, so one compilation).
     """
     embeds, pooled = (np.asarray(a, np.float32) for a in encoder_outputs[:2])

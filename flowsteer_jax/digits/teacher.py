@@ -1,6 +1,7 @@
 """Pretrain the digits world's teacher: a tiny MMDiT trained with rectified-flow matching, saved for diffusers.
 
-Training follows DESIGN §1 exactly: `x_t = (1 - t) x0 + t eps`, target `v = eps - x0`, model timestep `t * 1000`,
+Training follows the conventions (docs/design.md): `x_t = (1 - t) x0 + t eps`, target `v = eps - x0`, model timestep
+`sampling.timestep(t)` (`t * 1000`),
 `t ~ sigmoid(N(0, 1))` (SD3's logit-normal, mean 0, std 1), 10% of prompts replaced by the empty prompt so CFG
 works. Data: random pairs of training-split digits (`data`), prompts in random phrasings, embedded once
 through the digits world's SD3 conditioning path (`text.prompt_table`). One jitted step (`nnx.split` once, pure
@@ -34,11 +35,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flowsteer_jax.digits import data, text
+from flowsteer_jax.flow.sampling import timestep
 from flowsteer_jax.models.loading import load_transformer, save_transformer
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 
 META_FILE = "digits_teacher.json"  # written last into the folder: settings, loss, time
-NUM_TRAIN_TIMESTEPS = 1000
 CFG_DROPOUT = 0.1
 GUIDANCE = 3.0  # recommended CFG scale for the teacher's 28-step samples (and OTA's centre)
 
@@ -108,7 +109,7 @@ def _loss(model: MMDiT, key: jax.Array, batch_size: int, tables) -> jax.Array:
     eps = jax.random.normal(k_eps, x0.shape)
     tb = t[:, None, None, None]
     x_t = (1 - tb) * x0 + tb * eps
-    v = model(x_t, t * NUM_TRAIN_TIMESTEPS, embeds[pid], pooled[pid])
+    v = model(x_t, timestep(t), embeds[pid], pooled[pid])
     return jnp.mean(jnp.square(v - (eps - x0)))
 
 

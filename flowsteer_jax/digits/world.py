@@ -1,6 +1,6 @@
 """The digits world as the trainer sees it (`config.world = "digits"`), and its end-of-run report.
 
-`digits_world(config, workdir)` pretrains the teacher if `digits.teacher_dir` (default `WORKDIR/teacher`) has
+`make_world(config, workdir)` pretrains the teacher if `digits.teacher_dir` (default `WORKDIR/teacher`) has
 none, and hands `train.py` the same things an SD3 folder gives it: the teacher's diffusers `transformer/`
 folder, prompts (a fixed pool of training-split pairs; their real images are PeRFlow's `x0`), the SD3
 conditioning path of the world's encoders, and an identity "VAE". After training, `report` samples the
@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 
 from flowsteer_jax.digits import data, evaluate, teacher, text
+from flowsteer_jax.images import save_grid
 from flowsteer_jax.models.loading import load_transformer
-from flowsteer_jax.train import World, save_grid
+from flowsteer_jax.worlds import World
 
 GRID = 32  # evaluation samples shown in each PNG grid (the first of the fixed evaluation set)
 
@@ -42,7 +43,7 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
     return folder
 
 
-def digits_world(config: ml_collections.ConfigDict, workdir: str) -> World:
+def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
     d = config.digits
     folder = ensure_teacher(config, workdir)
     pool = data.sample_pairs(np.random.default_rng(int(d.pool_seed)), int(d.pool_size), "train")

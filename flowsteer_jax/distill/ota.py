@@ -2,7 +2,8 @@
 
 Windows are indexed from noise to data: window k spans `[b[k], b[k+1]]` of the boundaries
 `b = sigmas(K, schedule, shift)` (`b[0] = 1`, `b[K] = 0`). Everything integrates with the project's one
-Euler integrator (`flow.integrators.euler`, one `lax.scan`) and CFG (`cfg_velocity`).
+Euler integrator (`flow.integrators.euler`, one `lax.scan`), CFG (`cfg_velocity`) and model velocity
+(`flow.sampling.model_velocity`).
 
 - OTA: one teacher trajectory from `z_1 = eps` down to 0 over `teacher_steps` Euler steps on a grid
   containing every boundary; the K + 1 boundary states are kept. Window k starts at state k and ends at
@@ -21,6 +22,7 @@ import numpy as np
 
 from flowsteer_jax.flow import schedules
 from flowsteer_jax.flow.integrators import cfg_velocity, euler
+from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS, model_velocity
 
 START_POINTS = ("ota", "interpolate")
 
@@ -71,14 +73,14 @@ def teacher_grid(
 
 
 def teacher_velocity(
-    model: Callable, cond: Mapping[str, jax.Array], uncond: Mapping[str, jax.Array], guidance: jax.Array
+    model: Callable,
+    cond: Mapping[str, jax.Array],
+    uncond: Mapping[str, jax.Array],
+    guidance: jax.Array,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """CFG velocity `(x, sigma) -> v` of an MMDiT-like `model(x, timestep, prompt_embeds, pooled)`."""
-
-    def model_fn(x, sigma, c):
-        return model(x, sigma * 1000.0, c["prompt_embeds"], c["pooled"])
-
-    return cfg_velocity(model_fn, cond, uncond, guidance)
+    return cfg_velocity(model_velocity(model, num_train_timesteps), cond, uncond, guidance)
 
 
 def ota_states(velocity_fn: Callable, noise: jax.Array, grid: np.ndarray, boundary_index: tuple[int, ...]) -> jax.Array:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from flowsteer_jax import parallel
 from flowsteer_jax.distill.config import uses_discriminator
@@ -39,6 +39,14 @@ class Graphs:
     rules: dict
     state_shardings: Any
     frozen_shardings: Any
+    batch_sharding: NamedSharding  # a batch's leading dimension over the rules' `batch` axes
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The MMDiT constructor options the config asks for (`MMDiT(cfg, rngs=..., **model_options(config))`,
+    `load_transformer(folder, **model_options(config))`); `make_train_state` checks the model has them."""
+    m = config.model
+    return dict(dtype=jnp.dtype(m.dtype), implementation=m.attention or None, remat_policy=m.remat_policy or None)
 
 
 def _schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
@@ -86,8 +94,12 @@ def make_train_state(
     """
     mesh = parallel.mesh_from_config(config) if mesh is None else mesh
     rules = parallel.rules_from_config(config)
-    base_model.remat_policy = config.model.remat_policy or None
-    base_model.batch_sharding = parallel.batch_sharding(mesh, rules) if mesh.size > 1 else None
+    want = model_options(config)["remat_policy"]
+    if base_model.remat_policy != want:
+        raise ValueError(
+            f"the model was built with remat_policy={base_model.remat_policy!r} but config.model.remat_policy "
+            f"asks for {want!r}: build it with `**model_options(config)`"
+        )
     rngs = nnx.Rngs(params=config.seed)
 
     params, frozen, disc_graph = {}, {}, None
@@ -123,6 +135,7 @@ def make_train_state(
         rules=rules,
         state_shardings=parallel.tree_shardings(train_state, mesh, rules),
         frozen_shardings=parallel.tree_shardings(frozen, mesh, rules),
+        batch_sharding=parallel.batch_sharding(mesh, rules),
     )
     if place:
         train_state = jax.device_put(train_state, graphs.state_shardings)
@@ -145,4 +158,4 @@ def abstract_train_state(config: ml_collections.ConfigDict, build_model, *, mesh
 
 def place_batch(batch: dict, graphs: Graphs) -> dict:
     """Put a host batch on the mesh, batch dimension over the rules' `batch` axes (as the step expects)."""
-    return jax.device_put(batch, parallel.batch_sharding(graphs.mesh, graphs.rules))
+    return jax.device_put(batch, graphs.batch_sharding)

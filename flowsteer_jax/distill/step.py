@@ -1,7 +1,7 @@
 """The one jitted FlowSteer train step: `(train_state, frozen, batch, rng) -> (train_state, metrics)`.
 
 Pure `jax.jit` with explicit in/out shardings and the train state donated; `nnx.merge` happens inside.
-Per step, for a batch of B prompts (DESIGN §2):
+Per step, for a batch of B prompts (docs/design.md, "The FlowSteer step"):
 
 1. `key = fold_in(rng, step)`; noise `eps (B, H, W, C)` and guidance `w ~ U[cfg_min, cfg_max] (B,)`.
 2. Teacher (the base with LoRA switched off, static) gives each of the K windows a start and an end:
@@ -43,7 +43,7 @@ from flowsteer_jax import parallel
 from flowsteer_jax.distill import losses, ota
 from flowsteer_jax.distill.config import uses_discriminator
 from flowsteer_jax.distill.state import Graphs, make_optimizer, schedules
-from flowsteer_jax.flow.integrators import euler
+from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS, model_velocity, sample, timestep
 from flowsteer_jax.models.lora import set_lora_enabled
 
 STUDENT_STATES = ("one_step", "rollout")
@@ -65,8 +65,17 @@ def _repeat(tree, n: int):
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
-def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_shape=None) -> Callable:
-    """The pure (un-jitted) step function; `make_step` jits it with shardings and donation."""
+def build_train_step(
+    config: ml_collections.ConfigDict,
+    graphs: Graphs,
+    latent_shape=None,
+    *,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> Callable:
+    """The pure (un-jitted) step function; `make_step` jits it with shardings and donation.
+
+    `num_train_timesteps`: the base model's scheduler's (sigma -> timestep, `flow.sampling`).
+    """
     d, use_disc = config.distill, uses_discriminator(config)
     if d.start_points not in ota.START_POINTS:
         raise ValueError(f"distill.start_points {d.start_points!r} not in {ota.START_POINTS}")
@@ -82,7 +91,7 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
     rollout = config.adv.student_states == "rollout"
     optimizer = make_optimizer(config)
     lr_fns = schedules(config)
-    batch_sharding = parallel.batch_sharding(graphs.mesh, graphs.rules)
+    ntt = int(num_train_timesteps)
 
     def model_fn(lora, base, enabled: bool):
         # Merge (copying the Variables) at the call site, so the Variables belong to whichever trace calls it
@@ -93,11 +102,8 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
 
         return call
 
-    def velocity(model, cond):
-        return lambda x, sigma: model(x, sigma * 1000.0, cond["prompt_embeds"], cond["pooled"])
-
-    def disc_forward(disc_params, x, sigma, ctx, pooled, buffers):
-        return nnx.merge(graphs.disc, disc_params, buffers, copy=True)(x, sigma, ctx, pooled)
+    def disc_forward(disc_params, x, t, ctx, pooled, buffers):
+        return nnx.merge(graphs.disc, disc_params, buffers, copy=True)(x, t, ctx, pooled)
 
     def loss_fn(params, frozen, starts, ends, cond, noise, key):
         # Student and discriminator batches are laid out batch-major, `(B, groups, K, ...)` flattened: with the
@@ -115,14 +121,14 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
             t_in.append(jnp.broadcast_to(s_hi, (b, k)))
         x_in, t_in = _groups(x_in), _groups(t_in)
         c = _repeat(cond, x_in.shape[0] // b)
-        v = student(x_in, t_in * 1000.0, c["prompt_embeds"], c["pooled"]).reshape(b, -1, k, *starts.shape[2:])
+        v = model_velocity(student, ntt)(x_in, t_in, c).reshape(b, -1, k, *starts.shape[2:])
         aux = {"loss_dist": losses.velocity_loss(v[:, 0], _batch_major(v_star))}
         total = aux["loss_dist"]
         if not use_disc:
             return total, aux
         if rollout:
-            step_fn = jax.checkpoint(velocity(student, cond))
-            _, fake = euler(step_fn, noise, jnp.asarray(bounds), keep=tuple(range(1, k + 1)))
+            step_fn = jax.checkpoint(model_velocity(student, ntt))  # remat per Euler step
+            _, fake = sample(step_fn, noise, jnp.asarray(bounds), cond, keep=tuple(range(1, k + 1)))
             fake = _batch_major(fake)
         else:
             step_size = losses._bcast(s_lo - s_hi, starts[0])  # (K, 1, ...) against (B, K, ...)
@@ -132,7 +138,7 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
         sig = jnp.broadcast_to(s_lo, (b, 2, k)).reshape(-1)
         cd = _repeat(cond, 2 * k)
         (logit_d, _), (logit_g, feats_g) = losses.split_gradients(
-            disc_forward, params["disc"], x_d, sig, cd["prompt_embeds"], cd["pooled"], frozen["disc"]
+            disc_forward, params["disc"], x_d, timestep(sig, ntt), cd["prompt_embeds"], cd["pooled"], frozen["disc"]
         )
         pairs = lambda x: x.reshape(b, 2, k, *x.shape[1:])  # noqa: E731  (real, fake) of each prompt and window
         logit_d, logit_g, feats_g = pairs(logit_d), pairs(logit_g), [pairs(f) for f in feats_g]
@@ -150,12 +156,12 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
         uncond = {"prompt_embeds": batch["negative_prompt_embeds"], "pooled": batch["negative_pooled"]}
         b = cond["pooled"].shape[0]
         noise = jax.random.normal(k_noise, (b, *latent_shape), jnp.float32)
-        noise = jax.lax.with_sharding_constraint(noise, batch_sharding)
+        noise = parallel.constrain(noise, ("batch", None, None, None))
         w = jax.random.uniform(k_w, (b,), jnp.float32, d.cfg_min, d.cfg_max)
         params = train_state["params"]
 
         teacher = model_fn(jax.lax.stop_gradient(params["lora"]), frozen["base"], False)
-        teacher_v = ota.teacher_velocity(teacher, cond, uncond, w)
+        teacher_v = ota.teacher_velocity(teacher, cond, uncond, w, ntt)
         if d.start_points == "ota":
             states = ota.ota_states(teacher_v, noise, grid, index)
             starts, ends = states[:-1], states[1:]
@@ -182,16 +188,23 @@ def build_train_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_s
     return train_step
 
 
-def make_step(config: ml_collections.ConfigDict, graphs: Graphs, latent_shape=None, *, donate: bool = True):
+def make_step(
+    config: ml_collections.ConfigDict,
+    graphs: Graphs,
+    latent_shape=None,
+    *,
+    donate: bool = True,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+):
     """`jax.jit(train_step)` with the state's and batch's shardings in and out, the train state donated."""
-    fn = build_train_step(config, graphs, latent_shape)
+    fn = build_train_step(config, graphs, latent_shape, num_train_timesteps=num_train_timesteps)
     rep = parallel.replicated(graphs.mesh)
     return jax.jit(
-        parallel.traced_on(graphs.mesh, fn),
+        parallel.traced_on(graphs.mesh, fn, graphs.rules),
         in_shardings=(
             graphs.state_shardings,
             graphs.frozen_shardings,
-            parallel.batch_sharding(graphs.mesh, graphs.rules),
+            graphs.batch_sharding,
             rep,
         ),
         out_shardings=(graphs.state_shardings, rep),

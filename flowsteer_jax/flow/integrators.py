@@ -1,9 +1,7 @@
 """Euler integration of a flow-matching velocity field, and classifier-free guidance.
 
-Shared by the sampling pipeline and the distillation trainer (OTA integrates the teacher with CFG and
-keeps the states at the window boundaries). Everything here is a pure function of arrays: jit it from the
-outside. Sigmas go to ``velocity_fn`` as they are; converting to the model's ``timestep = sigma * 1000`` is
-the caller's job.
+Everything here is a pure function of arrays: jit it from the outside. Sigmas go to ``velocity_fn`` as they
+are; `flow.sampling` turns a model into a velocity (sigma -> the model's timestep) and is what callers use.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FlowSteer's discriminator: the pretrained MMDiT's first `num_blocks` blocks (fully trainable) + one head.
 
-`D(z_sigma, sigma, prompt_embeds, pooled) -> (logits (B,), features)`: the trunk is an exact copy of the
+`D(z_sigma, timestep(sigma), prompt_embeds, pooled) -> (logits (B,), features)`: the trunk is an exact copy of the
 teacher's embedders and blocks `0 .. num_blocks-1` (same structure flags as in the full model, so block 11 of
 SD3-Medium keeps its context stream), conditioned on sigma and text the way the MMDiT is; `features` are the
 image tokens after every block (for feature matching); the head reads the last block's image tokens.
@@ -124,7 +124,6 @@ class Discriminator(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = cfg.inner_dim
         self.config, self.num_blocks, self.dtype, self.remat_policy = cfg, num_blocks, dtype, remat_policy
-        self.batch_sharding: jax.sharding.NamedSharding | None = None  # set by the trainer (see run_block)
         # Same attribute names as MMDiT: the trunk's paths are the teacher's, so copying is path to path.
         build_trunk(self, cfg, num_blocks, implementation, **kw)
         # The head stays float32 (small; the logit feeds a hinge).
@@ -141,7 +140,6 @@ class Discriminator(nnx.Module):
         kw.setdefault("remat_policy", model.remat_policy)
         kw.setdefault("implementation", model.implementation)
         disc = cls(model.config, num_blocks, head=head, rngs=rngs, **kw)
-        disc.batch_sharding = model.batch_sharding
         source = dict(nnx.to_flat_state(nnx.state(model)))
         target = nnx.state(disc)
         for path, var in nnx.to_flat_state(target):
@@ -152,15 +150,17 @@ class Discriminator(nnx.Module):
         return disc
 
     def __call__(
-        self, z: jax.Array, sigma: jax.Array, encoder_hidden_states: jax.Array, pooled_projections: jax.Array
+        self, z: jax.Array, timestep: jax.Array, encoder_hidden_states: jax.Array, pooled_projections: jax.Array
     ) -> tuple[jax.Array, list[jax.Array]]:
-        """z: (B, H, W, C) trajectory state at noise level sigma ((B,) or ()); -> (logits (B,), image features)."""
-        b, height, width, _ = z.shape
+        """z: (B, H, W, C) trajectory state; timestep: the MMDiT's ((B,) or (), `flow.sampling.timestep(sigma)`).
+
+        Returns (logits (B,), image features after each block).
+        """
+        _, height, width, _ = z.shape
         p = self.config.patch_size
-        timestep = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32) * 1000.0, (b,))
         h, ctx, temb = embed_inputs(self, z, timestep, encoder_hidden_states, pooled_projections)
         feats = []
         for block in self.transformer_blocks:
-            h, ctx = run_block(block, h, ctx, temb, self.remat_policy, self.batch_sharding)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
             feats.append(h)
         return self.head(h, (height // p, width // p)), feats

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from conversion.sd3_transformer import normalize_config
+from flowsteer_jax import parallel
 from flowsteer_jax.models.attention import Attention
 from flowsteer_jax.models.layers import AdaLayerNorm, Buffer, FeedForward, layer_norm, linear, modulate
 
@@ -234,16 +235,15 @@ def run_block(
     ctx: jax.Array,
     temb: jax.Array,
     remat_policy: str | None,
-    batch_sharding: jax.sharding.NamedSharding | None = None,
 ):
     """One joint block, under `jax.checkpoint` with the named policy when `remat_policy` is set.
 
-    `batch_sharding` pins the block's token inputs to the batch axes: under FSDP the weights' `embed` dimension
-    and the activations' batch share the `fsdp` mesh axis, and without the pin XLA may gather the activations
-    (every device then holds the whole batch's temporaries) instead of the weights.
+    The block's token inputs are pinned to the batch axes (`parallel.constrain`, active in the trainer's
+    programs): under FSDP the weights' `embed` dimension and the activations' batch share the `fsdp` mesh axis,
+    and without the pin XLA may gather the activations (every device then holds the whole batch's temporaries)
+    instead of the weights.
     """
-    if batch_sharding is not None:
-        x, ctx = (jax.lax.with_sharding_constraint(t, batch_sharding) for t in (x, ctx))
+    x, ctx = (parallel.constrain(t, ("batch", None, None)) for t in (x, ctx))
     if remat_policy is None:
         return block(x, ctx, temb)
     # Functional remat (split -> jax.checkpoint -> merge): nnx.remat writes Variables back, which fails when
@@ -283,7 +283,6 @@ class MMDiT(nnx.Module):
         d = cfg.inner_dim
         self.config, self.dtype, self.remat_policy = cfg, dtype, remat_policy
         self.implementation = implementation
-        self.batch_sharding: jax.sharding.NamedSharding | None = None  # set by the trainer (see run_block)
         build_trunk(self, cfg, cfg.num_layers, implementation, **kw)
         self.norm_out = AdaLayerNorm(d, 2, **kw)
         p = cfg.patch_size
@@ -303,7 +302,7 @@ class MMDiT(nnx.Module):
         h, ctx, temb = embed_inputs(self, x, timestep, encoder_hidden_states, pooled_projections)
         out = []
         for block in self.transformer_blocks[:num_blocks]:
-            h, ctx = run_block(block, h, ctx, temb, self.remat_policy, self.batch_sharding)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
             out.append((h, ctx))
         return out
 
@@ -318,7 +317,7 @@ class MMDiT(nnx.Module):
         b, height, width, _ = x.shape
         h, ctx, temb = embed_inputs(self, x, timestep, encoder_hidden_states, pooled_projections)
         for block in self.transformer_blocks:
-            h, ctx = run_block(block, h, ctx, temb, self.remat_policy, self.batch_sharding)
+            h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
         scale, shift = self.norm_out(temb)  # AdaLayerNormContinuous: scale first
         h = self.proj_out(modulate(layer_norm(h), shift, scale))
         p, c = self.config.patch_size, self.config.out_channels

@@ -1,0 +1,31 @@
+"""Image grids: NHWC images in [0, 1] -> one PNG (the trainer's sample grids, the digits report)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """NHWC images -> one HWC image, `cols` per row, 2-pixel white borders."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    out = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.float32)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        out[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
+    return out
+
+
+def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1) -> None:
+    """NHWC images in [0, 1] -> one PNG grid, each pixel `scale` x `scale` (written atomically)."""
+    from PIL import Image
+
+    pixels = np.round(grid(images, cols) * 255).astype(np.uint8)
+    if scale > 1:
+        pixels = pixels.repeat(scale, 0).repeat(scale, 1)
+    img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,75 @@
+"""The SD3 world (`config.world = "sd3"`): a diffusers SD3 folder (`model.path`) and a prompt file (`data.prompts`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from flowsteer_jax.data import load_prompts
+from flowsteer_jax.flow.schedules import scheduler_settings
+from flowsteer_jax.worlds import Embeds, World, fingerprint
+
+log = logging.getLogger("flowsteer_jax.worlds.sd3")
+
+
+def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
+    from flowsteer_jax.models.loading import load_vae
+    from flowsteer_jax.text import SD3PromptEncoder
+
+    path = config.model.path
+    if not path:
+        raise ValueError(
+            "set --config.model.path to a diffusers SD3 folder (or make a tiny one: "
+            "python -m flowsteer_jax.tools.tiny_model --out=DIR)"
+        )
+    if not os.path.isdir(os.path.join(path, "transformer")):
+        raise FileNotFoundError(f"model.path {path!r} has no transformer/ folder: not a diffusers SD3 pipeline")
+    if not config.data.prompts:
+        raise ValueError("set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
+    prompts = load_prompts(config.data.prompts)
+    dtype = jnp.dtype(config.model.dtype)
+    encoder = SD3PromptEncoder.from_pretrained(path, dtype)
+    max_len = int(config.data.max_sequence_length)
+    settings = {}
+    if os.path.isdir(os.path.join(path, "scheduler")):
+        settings = scheduler_settings(path)
+        if settings["shift"] != float(config.distill.shift):
+            log.warning(
+                "%s/scheduler has shift %g; the student is distilled for distill.shift=%g (its sampler must use it)",
+                path,
+                settings["shift"],
+                float(config.distill.shift),
+            )
+
+    def encode(batch: list[str]) -> Embeds:
+        out = encoder.encode_prompt(batch, do_classifier_free_guidance=False, max_sequence_length=max_len)
+        return {"prompt_embeds": np.asarray(out.prompt_embeds), "pooled": np.asarray(out.pooled_prompt_embeds)}
+
+    decoder: list = []  # built on first use (only process 0 draws sample grids), then compiled once
+
+    def decode(latents: np.ndarray) -> np.ndarray:
+        if not decoder:
+            graphdef, state = nnx.split(load_vae(os.path.join(path, "vae"), dtype))
+            fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode_latents(z))
+            decoder.append(lambda z: fn(state, z))
+        images = decoder[0](jnp.asarray(latents, dtype))
+        return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
+
+    with open(config.data.prompts, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return World(
+        model_path=os.path.abspath(path),
+        transformer_folder=os.path.join(path, "transformer"),
+        prompts=prompts,
+        encode=encode,
+        decode=decode,
+        fingerprint=fingerprint(os.path.abspath(path), digest, str(max_len), config.model.dtype),
+        **({"num_train_timesteps": settings["num_train_timesteps"]} if settings else {}),
+    )
