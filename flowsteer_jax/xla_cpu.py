@@ -1,8 +1,8 @@
 """XLA:CPU flags for inference: the sampling CLI and the forward/sampling benchmarks use them.
 
-Measured on a 2-core AVX-512 machine (benchmarks/mmdit_forward.py, benchmarks/sampling.py, README): the MMDiT
-forward and 4-step sampling run 1.2-1.4x faster with both. A training step does not profit (XLA's YNNPACK dots
-handle the backward's transposed products better), so `flowsteer_jax.train` keeps XLA's defaults.
+The MMDiT forward and 4-step sampling run faster with both (measured side by side by benchmarks/mmdit_forward.py
+and benchmarks/sampling.py; numbers in the README). A training step does not profit (XLA's YNNPACK dots handle
+the backward's transposed products better), so `flowsteer_jax.train` keeps XLA's defaults.
 """
 
 from __future__ import annotations

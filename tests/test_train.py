@@ -313,3 +313,24 @@ def test_config_files_load():
     for section in ("disc", "model", "mesh", "train"):
         medium.pop(section), large.pop(section)
     assert medium == large
+
+
+def test_sd3_world_takes_the_timestep_scale_from_the_scheduler(setup, tmp_path):
+    """The SD3 world reads `num_train_timesteps` from the folder's scheduler config (the trainer's sigma ->
+    timestep scale), not a constant."""
+    import json
+    import shutil
+
+    from flowsteer_jax.worlds import make_world
+
+    model = str(tmp_path / "model")
+    shutil.copytree(setup["model"], model)
+    path = os.path.join(model, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        scheduler = json.load(f)
+    config = _load_config("tiny")
+    config.model.path, config.data.prompts = model, os.path.join(ROOT, "configs", "prompts", "tiny.txt")
+    assert make_world(config, str(tmp_path)).num_train_timesteps == scheduler.get("num_train_timesteps", 1000)
+    with open(path, "w") as f:
+        json.dump({**scheduler, "num_train_timesteps": 500}, f)
+    assert make_world(config, str(tmp_path)).num_train_timesteps == 500

@@ -1,22 +1,16 @@
 """Pretrain the digits world's teacher: a tiny MMDiT trained with rectified-flow matching, saved for diffusers.
 
-Training follows the conventions (docs/design.md): `x_t = (1 - t) x0 + t eps`, target `v = eps - x0`, model timestep
-`sampling.timestep(t)` (`t * 1000`),
-`t ~ sigmoid(N(0, 1))` (SD3's logit-normal, mean 0, std 1), 10% of prompts replaced by the empty prompt so CFG
-works. Data: random pairs of training-split digits (`data`), prompts in random phrasings, embedded once
+Training follows the conventions (docs/design.md, "Conventions"): `x_t = (1 - t) x0 + t eps`, target
+`v = eps - x0`, model timestep `flow.sampling.timestep(t)` (`t * 1000`), `t ~ sigmoid(N(0, 1))` (SD3's
+logit-normal, mean 0, std 1), 10% of prompts replaced by the empty prompt so CFG works. Data: random pairs of training-split digits (`data`), prompts in random phrasings, embedded once
 through the digits world's SD3 conditioning path (`text.prompt_table`). One jitted step (`nnx.split` once, pure
 `jax.jit`, `nnx.merge` inside), AdamW with warmup + cosine decay, gradient clipping, an EMA of the weights
 (saved); deterministic for a seed.
 
 Defaults (`DEFAULTS`, the keyword defaults of `pretrain_teacher`): 4 joint blocks, 2 heads x 16 (width 32),
 batch 64, 2,500 steps, AdamW lr 3e-3 (100 warmup steps, cosine to 10%), no weight decay, clip 1.0, EMA 0.999.
-Measured on the shared 2-core CPU (load ~3): 391 s of training (expect less on an idle machine). On
-`evaluate.eval_set(1000)`: 28-step diffusers schedule, CFG w=3 (the recommended teacher setting): prompt
-accuracy 0.943, FD 6.6 (real held-out pairs: 0.954, 1.1); 4 steps without CFG: diffusers 0.894 / FD 4.4 /
-MSE to the 28-step output 0.019, rectified 0.861 / 3.5 / 0.018 (blurrier digits); 4 steps with w=3: accuracy
-kept (0.95) but FD 10.2 (diffusers) / 7.9 (rectified) against 6.6 at 28 steps. CFG trades FD (diversity) for
-accuracy: w=1.5 gives 0.882 / 2.4, w=6 0.953 / 12.3. A smaller width learnt faster per CPU second than 48/64
-did (width 48 with lr 2e-3 and 1,500 steps reached only 0.24 accuracy).
+Why these sizes, and what the teacher scores: docs/design.md ("Defaults and where they come from") and the
+README's digits table.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Shape (all keys always present; `configs/` files override values, never add keys):
 
 - `seed`: base PRNG seed; step `i` uses `fold_in(PRNGKey(seed), i)`.
-- `world`: "sd3" (a diffusers SD3 folder + a prompt file) | "digits" (the embedded default, `configs/digits.py`).
+- `world`: "sd3" (a diffusers SD3 folder + a prompt file) | "digits" (the embedded default, `configs/digits.py`) |
+  a module path `pkg.module` whose `make_world(config, workdir)` returns a `flowsteer_jax.worlds.World`.
 - `model.path`: the diffusers SD3 pipeline folder (transformer, text encoders, tokenizers, VAE, scheduler).
   `model.dtype`: compute/storage dtype of the frozen base and text encoders ("bfloat16" | "float32").
   `model.attention`: attention kernel ("" = the platform's: cuDNN flash on GPU, splash on TPU, XLA on CPU |
