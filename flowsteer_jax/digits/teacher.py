@@ -3,8 +3,9 @@
 Training follows the conventions (docs/design.md, "Conventions"): `x_t = (1 - t) x0 + t eps`, target
 `v = eps - x0`, model timestep `flow.sampling.timestep(t)` (`t * 1000`), `t ~ sigmoid(N(0, 1))` (SD3's
 logit-normal, mean 0, std 1), 10% of prompts replaced by the empty prompt so CFG works. Data: random pairs of
-training-split digits (`data`), prompts in random phrasings, embedded once through the digits world's SD3 conditioning path (`text.prompt_table`). One jitted step (`nnx.split` once, pure
-`jax.jit`, `nnx.merge` inside), AdamW with warmup + cosine decay, gradient clipping, an EMA of the weights
+training-split digits (`data`), prompts in random phrasings, embedded once through the digits world's SD3
+conditioning path (`text.prompt_table`). One jitted step (`nnx.split` once, pure `jax.jit`, `nnx.merge`
+inside), AdamW with warmup + cosine decay, gradient clipping, an EMA of the weights
 (saved); deterministic for a seed.
 
 Defaults (`DEFAULTS`, the keyword defaults of `pretrain_teacher`): 4 joint blocks, 2 heads x 16 (width 32),
