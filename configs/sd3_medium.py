@@ -5,9 +5,9 @@
 
 Paper settings: 4 segments on the rectified shift-3 schedule, OTA start points, teacher CFG w ~ U[7, 13],
 discriminator = the first 12 of 24 blocks + a head, lambda_adv / lambda_fm as below. Settings the paper leaves
-out are our documented defaults (DESIGN §2, `flowsteer_jax/distill/config.py`): LoRA rank 64 on every attention
-and FFN projection, lr 1e-4 (LoRA) and 1e-4 (discriminator), 28 teacher Euler steps per trajectory (7 per
-segment), batch 8 (hinge needs >= 2 per device).
+out are our documented defaults (docs/design.md, "Defaults and where they come from";
+`flowsteer_jax/distill/config.py`): LoRA rank 64 on every attention and FFN projection, lr 1e-4 (LoRA) and 1e-4
+(discriminator), 28 teacher Euler steps per trajectory (7 per segment), batch 8 (hinge needs >= 2 per device).
 
 Fits (XLA's compilers, `python benchmarks/chip_budget.py --config=configs/sd3_medium.py --chip=h100`; README table):
 the smallest GPU setting is **one 80 GB H100 at 66.1 GiB per device** (remat "full"; "dots" would need 462.7 GiB),

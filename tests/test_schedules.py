@@ -28,7 +28,7 @@ def test_diffusers_kind_is_bit_exact(shift, num_train_timesteps):
 
 
 def test_diffusers_flaw_values():
-    # DESIGN.md §1: the doubly shifted sigma_min makes the last step a wasted 0.0089 one.
+    # docs/design.md, "Schedules": the doubly shifted sigma_min makes the last step a wasted 0.0089 one.
     s = schedules.sigmas(4, "diffusers", 3.0)
     np.testing.assert_allclose(s, [1.0, 0.8577, 0.6022, 0.0089, 0.0], atol=5e-5)
 

@@ -1,4 +1,6 @@
-"""The digits world (DESIGN §5): a tiny SD3 on scikit-learn's 8x8 handwritten digits, runnable on a laptop CPU.
+"""The digits world: a tiny SD3 on scikit-learn's 8x8 handwritten digits, runnable on a laptop CPU.
+
+docs/design.md, "Worlds".
 
 - `data`: pairs of digits side by side, (8, 16, 1) channels-last in [-1, 1] (the "VAE" is identity), with
   prompts naming both digits and their places; a fixed stratified held-out split for evaluation.

@@ -1,4 +1,4 @@
-"""FlowSteer's losses (DESIGN §2.2-2.4) as pure functions of arrays.
+"""FlowSteer's losses (docs/design.md, "The FlowSteer step") as pure functions of arrays.
 
 Shapes: per-window arrays are `(K, B, H, W, C)` with window k spanning `[s_hi[k], s_lo[k]]`
 (`s_hi > s_lo`, noise side first).

@@ -1,6 +1,6 @@
 """Sigma schedules for SD3-style rectified-flow sampling.
 
-Two kinds, shared by teacher and student (DESIGN.md §1, "Schedules: the flaw and the fix"):
+Two kinds, shared by teacher and student (docs/design.md, "Schedules"):
 
 - ``"diffusers"``: bit-identical to ``FlowMatchEulerDiscreteScheduler.set_timesteps(n).sigmas`` with the
   default config. It spaces n points between the scheduler's *already shifted* ``sigma_max``/``sigma_min``

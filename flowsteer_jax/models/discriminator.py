@@ -5,7 +5,7 @@ teacher's embedders and blocks `0 .. num_blocks-1` (same structure flags as in t
 SD3-Medium keeps its context stream), conditioned on sigma and text the way the MMDiT is; `features` are the
 image tokens after every block (for feature matching); the head reads the last block's image tokens.
 
-Head (`head="conv"`, the default) — FastGen's `Discriminator_ImageDiT` head (reimplementation notes §3.3):
+Head (`head="conv"`, the default) — FastGen's `Discriminator_ImageDiT` head (docs/design.md, "The FlowSteer step"):
 tokens reshaped to the latent patch grid, `Conv 4x4 stride 2 (C -> C/2) -> GroupNorm -> LeakyReLU(0.2) ->
 Conv 1x1 (-> 1)`, then the mean over positions. Why: the paper puts a single head on the final block
 (Table 4) and compares trajectory states *locally*; a spatial head keeps the patch layout the tokens came

@@ -1,7 +1,7 @@
 """Small building blocks shared by the NNX models, named like their diffusers counterparts.
 
-Every parameter carries `logical_axes` metadata (DESIGN §6); `flowsteer_jax.parallel` turns those names into
-shardings through the config's rules table.
+Every parameter carries `logical_axes` metadata (docs/design.md, "Conventions"); `flowsteer_jax.parallel` turns
+those names into shardings through the config's rules table.
 """
 
 from __future__ import annotations
