@@ -62,6 +62,7 @@ from flowsteer_jax import chips
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowsteer_jax.models.presets import CLIP_TOKENS, SD3_VAE, TRANSFORMERS
 from flowsteer_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from flowsteer_jax.tools.randomize import randomize_
 
 # Run order. The train step (JAX's memory peak: its pool never shrinks, torch's cache is emptied after each part)
 # comes after the torch-heavy parts; diffusers + torch.compile (long compile, least needed) is last.
@@ -258,31 +259,6 @@ def _kernels(compiled) -> list[str]:
 # --- models at random weights ---
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every float parameter and buffer of a diffusers model (as `tests/torch_reference.randomize_`).
-
-    diffusers zero-inits the adaLN-Zero gates and proj_out, which would make the output trivial and let a wrong
-    mapping pass. Matrices get N(0, 1/fan_in) so activations stay O(1) through the depth, norm scales 1 + N(0, 0.2),
-    other vectors N(0, 0.2), the sincos position table 0.5 N(0, 1).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.dtype.is_floating_point:
-                continue
-            r = torch.randn(t.shape, generator=g, dtype=torch.float32)
-            if name.endswith("pos_embed.pos_embed"):
-                r = 0.5 * r
-            elif t.ndim >= 2:
-                r = r / np.sqrt(np.prod(t.shape[1:]))
-            elif "norm" in name:
-                r = 1 + 0.2 * r
-            else:
-                r = 0.2 * r
-            t.copy_(r.to(t.dtype))
-    return module
-
-
 def _random_module(build: Callable[[], nnx.Module]) -> nnx.Module:
     """`build()` with its random init compiled for the default device: 2 B weights never exist on the host."""
     graph, _ = nnx.split(nnx.eval_shape(build))
@@ -349,7 +325,7 @@ def part_parity_mmdit(report: Report, sizes: Sizes, config, out: dict) -> None:
     # The fp32 reference must be true fp32: no TF32 in torch's matmuls/convs, "highest" for our fp32 check.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    ref = _randomize(SD3Transformer2DModel(**sizes.parity).eval(), seed=0)
+    ref = randomize_(SD3Transformer2DModel(**sizes.parity).eval(), seed=0)
     inputs = _parity_inputs(sizes)
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.tiny_pipeline import write_tiny_pipeline
+from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 2
