@@ -33,7 +33,6 @@ is the process's (the peak before its steps is printed next to it).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import gc
@@ -56,9 +55,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
+from absl import flags
 from flax import nnx
 
-from flowsteer_jax import chips
+from flowsteer_jax import chips, cli
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowsteer_jax.models.presets import CLIP_TOKENS, SD3_VAE, TRANSFORMERS
 from flowsteer_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
@@ -786,22 +786,23 @@ def part_sampling_compiled(report: Report, sizes: Sizes, config, out: dict, budg
 # --- main ---
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--small", action="store_true", help="toy sizes everywhere (a CPU run of the plumbing)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="train config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train config override, repeatable")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
-    p.add_argument("--budget_s", type=float, default=455.0, help="print the results and exit after this long")
-    p.add_argument(
-        "--torch_compile_budget_s", type=float, default=150.0, help="run diffusers + torch.compile only with this left"
-    )
-    p.add_argument("--compile_cache", default="", help="JAX persistent compilation cache folder (faster reruns)")
-    args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("small", False, "toy sizes everywhere (a CPU run of the plumbing)", flag_values=fv)
+    flags.DEFINE_string("config", DEFAULT_CONFIG, "train config file", flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "train config override KEY=VALUE, repeatable", flag_values=fv)
+    flags.DEFINE_string("parts", ",".join(PARTS), f"comma-separated, of {PARTS}", flag_values=fv)
+    flags.DEFINE_float("budget_s", 455.0, "print the results and exit after this long", flag_values=fv)
+    help_ = "run diffusers + torch.compile only with this left"
+    flags.DEFINE_float("torch_compile_budget_s", 150.0, help_, flag_values=fv)
+    flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache folder (faster reruns)", flag_values=fv)
+
+
+def parse_args(argv: list[str] | None = None):
+    args = cli.parse(define_flags, argv, prog="benchmarks.device_check", doc=__doc__)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
-        p.error(f"--parts: unknown {unknown}; of {PARTS}")
+        cli.fail("benchmarks.device_check", f"--parts: unknown {unknown}; of {PARTS}")
     return args
 
 
