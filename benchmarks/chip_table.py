@@ -12,11 +12,14 @@ row compiles the whole model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
+
+from absl import flags
+
+from flowsteer_jax import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -44,7 +47,7 @@ def run_row(name: str) -> dict:
     config, chip, devices, parts, overrides, depths = ROWS[name]
     results = []
     for depth in depths or (0,):
-        cmd = [sys.executable, os.path.join(HERE, "chip_budget.py"), f"--config={config}", f"--chip={chip}"]
+        cmd = [sys.executable, "-m", "benchmarks.chip_budget", f"--config={config}", f"--chip={chip}"]
         cmd += [f"--devices={devices}", f"--parts={parts}", *overrides]
         if depth:
             cmd += [f"--layers={depth}", f"--config.disc.num_blocks={depth // 2}"]
@@ -102,12 +105,14 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=",".join(ROWS), help=f"of {list(ROWS)}")
-    p.add_argument("--out", default=os.path.join(ROOT, "docs", "chip_budget.jsonl"))
-    p.add_argument("--render", action="store_true", help="only print the table of --out")
-    args = p.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("rows", ",".join(ROWS), f"rows to compile, of {list(ROWS)}", flag_values=fv)
+    flags.DEFINE_string("out", os.path.join(ROOT, "docs", "chip_budget.jsonl"), "JSONL to append to", flag_values=fv)
+    flags.DEFINE_bool("render", False, "only print the table of --out", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(define_flags, argv, prog="benchmarks.chip_table", doc=__doc__)
     if not args.render:
         for name in args.rows.split(","):
             row = run_row(name)

@@ -33,7 +33,6 @@ is the process's (the peak before its steps is printed next to it).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import gc
@@ -56,12 +55,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
+from absl import flags
 from flax import nnx
 
-from flowsteer_jax import chips
+from flowsteer_jax import chips, cli
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowsteer_jax.models.presets import CLIP_TOKENS, SD3_VAE, TRANSFORMERS
 from flowsteer_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from flowsteer_jax.tools.randomize import randomize_
 
 # Run order. The train step (JAX's memory peak: its pool never shrinks, torch's cache is emptied after each part)
 # comes after the torch-heavy parts; diffusers + torch.compile (long compile, least needed) is last.
@@ -258,31 +259,6 @@ def _kernels(compiled) -> list[str]:
 # --- models at random weights ---
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Overwrite every float parameter and buffer of a diffusers model (as `tests/torch_reference.randomize_`).
-
-    diffusers zero-inits the adaLN-Zero gates and proj_out, which would make the output trivial and let a wrong
-    mapping pass. Matrices get N(0, 1/fan_in) so activations stay O(1) through the depth, norm scales 1 + N(0, 0.2),
-    other vectors N(0, 0.2), the sincos position table 0.5 N(0, 1).
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.dtype.is_floating_point:
-                continue
-            r = torch.randn(t.shape, generator=g, dtype=torch.float32)
-            if name.endswith("pos_embed.pos_embed"):
-                r = 0.5 * r
-            elif t.ndim >= 2:
-                r = r / np.sqrt(np.prod(t.shape[1:]))
-            elif "norm" in name:
-                r = 1 + 0.2 * r
-            else:
-                r = 0.2 * r
-            t.copy_(r.to(t.dtype))
-    return module
-
-
 def _random_module(build: Callable[[], nnx.Module]) -> nnx.Module:
     """`build()` with its random init compiled for the default device: 2 B weights never exist on the host."""
     graph, _ = nnx.split(nnx.eval_shape(build))
@@ -349,7 +325,7 @@ def part_parity_mmdit(report: Report, sizes: Sizes, config, out: dict) -> None:
     # The fp32 reference must be true fp32: no TF32 in torch's matmuls/convs, "highest" for our fp32 check.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    ref = _randomize(SD3Transformer2DModel(**sizes.parity).eval(), seed=0)
+    ref = randomize_(SD3Transformer2DModel(**sizes.parity).eval(), seed=0)
     inputs = _parity_inputs(sizes)
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
@@ -807,22 +783,23 @@ def part_sampling_compiled(report: Report, sizes: Sizes, config, out: dict, budg
 # --- main ---
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--small", action="store_true", help="toy sizes everywhere (a CPU run of the plumbing)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="train config file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="train config override, repeatable")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
-    p.add_argument("--budget_s", type=float, default=455.0, help="print the results and exit after this long")
-    p.add_argument(
-        "--torch_compile_budget_s", type=float, default=150.0, help="run diffusers + torch.compile only with this left"
-    )
-    p.add_argument("--compile_cache", default="", help="JAX persistent compilation cache folder (faster reruns)")
-    args = p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("small", False, "toy sizes everywhere (a CPU run of the plumbing)", flag_values=fv)
+    flags.DEFINE_string("config", DEFAULT_CONFIG, "train config file", flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "train config override KEY=VALUE, repeatable", flag_values=fv)
+    flags.DEFINE_string("parts", ",".join(PARTS), f"comma-separated, of {PARTS}", flag_values=fv)
+    flags.DEFINE_float("budget_s", 455.0, "print the results and exit after this long", flag_values=fv)
+    help_ = "run diffusers + torch.compile only with this left"
+    flags.DEFINE_float("torch_compile_budget_s", 150.0, help_, flag_values=fv)
+    flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache folder (faster reruns)", flag_values=fv)
+
+
+def parse_args(argv: list[str] | None = None):
+    args = cli.parse(define_flags, argv, prog="benchmarks.device_check", doc=__doc__)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
-        p.error(f"--parts: unknown {unknown}; of {PARTS}")
+        cli.fail("benchmarks.device_check", f"--parts: unknown {unknown}; of {PARTS}")
     return args
 
 

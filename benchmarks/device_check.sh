@@ -12,7 +12,7 @@
 #   pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128   # or the CUDA 12.x index
 #                                                      # pytorch.org lists for 2.13.0: a CUDA build of the pinned torch
 #   pip install "jax[cuda12]==0.10.2"
-#   pip install -r requirements.txt -r requirements-test.txt
+#   pip install -r requirements.txt -r requirements-test.txt -e .
 # torch first: requirements-test.txt's torch==2.13.0 is then already satisfied (a +cuXXX build matches it), so
 # pip keeps the CUDA build. Check both see the GPU:
 #   python -c "import jax, torch; print(jax.devices(), torch.cuda.is_available())"
@@ -27,4 +27,4 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi -L || true
 fi
 # The script's own watchdog prints the results at --budget_s (455 s); this is the backstop.
-exec timeout -k 5 470 "${PYTHON:-python}" benchmarks/device_check.py "$@"
+exec timeout -k 5 470 "${PYTHON:-python}" -m benchmarks.device_check "$@"

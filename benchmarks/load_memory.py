@@ -13,7 +13,6 @@ float32 copy of it would add 2x.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,12 +22,13 @@ import time
 
 import ml_dtypes
 import numpy as np
+from absl import flags
+
+from conversion import t5 as t5_conv
+from conversion.safetensors_io import save_checkpoint
+from flowsteer_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from conversion import t5 as t5_conv  # noqa: E402
-from conversion.safetensors_io import save_checkpoint  # noqa: E402
 
 T5_XXL = dict(
     vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, feed_forward_proj="gated-gelu", num_layers=1
@@ -106,14 +106,16 @@ def load_and_measure(folder: str, dtype: str) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gb", type=float, default=1.0, help="checkpoint size to write")
-    parser.add_argument("--shard-mb", type=int, default=256, help="shard size")
-    parser.add_argument("--no-fp32", action="store_true", help="skip the float32 contrast run")
-    parser.add_argument("--load", help=argparse.SUPPRESS)  # child mode: FOLDER
-    parser.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_float("gb", 1.0, "checkpoint size to write", flag_values=fv)
+    flags.DEFINE_integer("shard-mb", 256, "shard size", flag_values=fv)
+    flags.DEFINE_bool("no-fp32", False, "skip the float32 contrast run", flag_values=fv)
+    flags.DEFINE_string("load", None, "internal (the measuring child): load this FOLDER", flag_values=fv)
+    flags.DEFINE_string("dtype", "bfloat16", "internal (the measuring child): load as this dtype", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(define_flags, argv, prog="benchmarks.load_memory", doc=__doc__)
     if args.load:
         load_and_measure(args.load, args.dtype)
         return
@@ -129,8 +131,8 @@ def main() -> None:
         )
         for dtype in ("bfloat16",) + (() if args.no_fp32 else ("float32",)):
             env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-            cmd = [sys.executable, os.path.abspath(__file__), "--load", tmp, "--dtype", dtype]
-            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            cmd = [sys.executable, "-m", "benchmarks.load_memory", "--load", tmp, "--dtype", dtype]
+            out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             grown = r["peak"]["VmHWM"] - r["before"]["VmRSS"]
             anon = r["peak"]["RssAnon"] - r["before"]["RssAnon"]

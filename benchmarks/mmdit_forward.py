@@ -10,23 +10,21 @@ implementation can take, so `floor / diffusers` is the best ratio this machine a
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # before torch: both bundle runtimes
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import flags
+from diffusers import SD3Transformer2DModel
 
-import jax  # noqa: E402  (before torch: both bundle runtimes)
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import SD3Transformer2DModel  # noqa: E402
-
-from flowsteer_jax.models.loading import load_transformer  # noqa: E402
-from flowsteer_jax.xla_cpu import use_inference_flags  # noqa: E402
+from flowsteer_jax import cli
+from flowsteer_jax.models.loading import load_transformer
+from flowsteer_jax.xla_cpu import use_inference_flags
 
 CONFIGS = {
     # name: (diffusers config, batch, latent size, text tokens)
@@ -113,13 +111,14 @@ def run(name: str, over: dict, batch: int, size: int, tokens: int, repeats: int,
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument(
-        "--xla_defaults", action="store_true", help="leave XLA_FLAGS as they are (the sample CLI adds INFERENCE_FLAGS)"
-    )
-    args = parser.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("repeats", 10, "timed forwards (median)", flag_values=fv)
+    help_ = "leave XLA_FLAGS as they are (the sample CLI adds INFERENCE_FLAGS)"
+    flags.DEFINE_bool("xla_defaults", False, help_, flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(define_flags, argv, prog="benchmarks.mmdit_forward", doc=__doc__)
     if not args.xla_defaults:
         use_inference_flags()
     device = jax.devices()[0].platform

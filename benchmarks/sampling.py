@@ -12,31 +12,29 @@ torch's OpenMP threads can collapse next to XLA's thread pool: compare with `--t
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # before torch: both bundle runtimes
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import flags
+from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-import jax  # noqa: E402  (before torch: both bundle runtimes)
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
-
-from flowsteer_jax.pipeline import SD3Pipeline  # noqa: E402
-from flowsteer_jax.xla_cpu import use_inference_flags  # noqa: E402
-from tests.tiny_pipeline import CLIP_G, CLIP_L, T5, write_tiny_pipeline  # noqa: E402
-from tests.torch_reference import randomize_  # noqa: E402
+from flowsteer_jax import cli
+from flowsteer_jax.pipeline import SD3Pipeline
+from flowsteer_jax.tools.randomize import randomize_
+from flowsteer_jax.tools.tiny_pipeline import CLIP_G, CLIP_L, T5, write_tiny_pipeline
+from flowsteer_jax.xla_cpu import use_inference_flags
 
 PROMPTS = ["a photo of a red cat", "the blue cube on a sphere", "a dog in the red digit", "an blue sphere of cats"]
 MAX_SEQ = 64
 
 
 def write_bench_pipeline(folder: str) -> None:
-    """The tiny test pipeline with its transformer and VAE swapped for larger random ones."""
+    """`write_tiny_pipeline` with its transformer and VAE swapped for larger random ones."""
     write_tiny_pipeline(folder)
     transformer = SD3Transformer2DModel(
         sample_size=32,
@@ -81,18 +79,19 @@ def _time_interleaved(fns, repeats: int) -> list[float]:
     return [b * 1e3 for b in best]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--guidance", type=float, default=0.0, help="<= 1: no CFG (the student); > 1: CFG")
-    p.add_argument("--schedule", choices=("rectified", "diffusers"), default="rectified")
-    p.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument(
-        "--xla_defaults", action="store_true", help="leave XLA_FLAGS as they are (the sample CLI adds INFERENCE_FLAGS)"
-    )
-    args = p.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("batch", 4, "prompts per call", flag_values=fv)
+    flags.DEFINE_integer("steps", 4, "sampling steps", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "timed repeats (best of)", flag_values=fv)
+    flags.DEFINE_float("guidance", 0.0, "<= 1: no CFG (the student); > 1: CFG", flag_values=fv)
+    flags.DEFINE_enum("schedule", "rectified", ["rectified", "diffusers"], "sigma schedule", flag_values=fv)
+    flags.DEFINE_integer("torch_threads", None, "torch.set_num_threads (default: torch's own)", flag_values=fv)
+    help_ = "leave XLA_FLAGS as they are (the sample CLI adds INFERENCE_FLAGS)"
+    flags.DEFINE_bool("xla_defaults", False, help_, flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(define_flags, argv, prog="benchmarks.sampling", doc=__doc__)
     if not args.xla_defaults:
         use_inference_flags()
     if args.torch_threads:

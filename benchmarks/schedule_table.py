@@ -6,23 +6,20 @@ For each schedule ("diffusers": FlowMatchEulerDiscreteScheduler's grid; "rectifi
 and each N, samples the same prompts from the same noise and reports the distance to the reference, the
 28-step sample on the diffusers schedule (the teacher's standard sampler): relative L2 of the latents and PSNR
 of the decoded images. Also prints each schedule's sigmas for N = 4 and the smallest and largest step sizes.
-Without `--model` it runs on the tiny random test pipeline (tests/tiny_pipeline.py, needs torch/diffusers to
+Without `--model` it runs on the tiny random pipeline (`flowsteer_jax.tools.tiny_pipeline`, needs torch/diffusers to
 write it): the numbers then only show the mechanics; the digits world (a trained teacher) replaces it later.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from flowsteer_jax.pipeline import SD3Pipeline  # noqa: E402
+from flowsteer_jax import cli
+from flowsteer_jax.pipeline import SD3Pipeline
 
 PROMPTS = ["a photo of a red cat", "the blue cube on a sphere", "a dog in the red digit", "an blue sphere of cats"]
 SCHEDULES = ("diffusers", "rectified")
@@ -68,24 +65,26 @@ def table(pipe: SD3Pipeline, prompts: list[str], steps: list[int], guidance: flo
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="diffusers SD3 folder (default: write the tiny test pipeline)")
-    p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", default="1,2,4,8,28")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max_sequence_length", type=int, default=77)
-    args = p.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("model", None, "diffusers SD3 folder (default: write the tiny pipeline)", flag_values=fv)
+    flags.DEFINE_float("guidance", 7.0, "CFG scale", flag_values=fv)
+    flags.DEFINE_integer("batch", 4, "prompts", flag_values=fv)
+    flags.DEFINE_string("steps", "1,2,4,8,28", "step counts N (comma-separated)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "noise seed", flag_values=fv)
+    flags.DEFINE_integer("max_sequence_length", 77, "T5 tokens", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(define_flags, argv, prog="benchmarks.schedule_table", doc=__doc__)
     steps = [int(s) for s in args.steps.split(",")]
     prompts = (PROMPTS * args.batch)[: args.batch]
     if args.model is None:
-        from tests.tiny_pipeline import write_tiny_pipeline
+        from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
 
         with tempfile.TemporaryDirectory() as folder:
             write_tiny_pipeline(folder)
             pipe = SD3Pipeline.from_pretrained(folder, dtype=jnp.float32)
-        print("model: tiny random test pipeline (tests/tiny_pipeline.py)")
+        print("model: tiny random pipeline (flowsteer_jax/tools/tiny_pipeline.py)")
     else:
         pipe = SD3Pipeline.from_pretrained(args.model, dtype=jnp.float32)
         print(f"model: {args.model}")

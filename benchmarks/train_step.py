@@ -17,7 +17,6 @@ step at 1024² (latent 128x128x16), 1 prompt per device; on N devices with FSDP 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -25,8 +24,12 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
+from flowsteer_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+PARTS = ("all", "throughput", "memory")
 
 GiB = 2**30
 
@@ -191,21 +194,26 @@ def memory(args) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", nargs="?", default="all", choices=("all", "throughput", "memory"))
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--latent", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--teacher-steps", type=int, default=28)
-    p.add_argument("--remat", default=None)
-    p.add_argument("--modes", default="ota,interpolate", help="throughput: start-point modes, in run order")
-    p.add_argument("--devices", type=int, default=1, help="memory part: fake CPU devices (subprocess)")
-    p.add_argument("--per-device-batch", type=int, default=1)
-    p.add_argument("--sd3-layers", type=int, default=0, help="memory part: SD3-Medium with this many layers")
-    args = p.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("layers", 4, "throughput: transformer layers", flag_values=fv)
+    flags.DEFINE_integer("width", 128, "throughput: transformer width", flag_values=fv)
+    flags.DEFINE_integer("latent", 32, "throughput: latent side", flag_values=fv)
+    flags.DEFINE_integer("batch", 4, "throughput: prompts per step", flag_values=fv)
+    flags.DEFINE_integer("steps", 3, "throughput: timed steps", flag_values=fv)
+    flags.DEFINE_integer("teacher-steps", 28, "teacher Euler steps per prompt", flag_values=fv)
+    flags.DEFINE_string("remat", None, "model.remat_policy", flag_values=fv)
+    flags.DEFINE_string("modes", "ota,interpolate", "throughput: start-point modes, in run order", flag_values=fv)
+    flags.DEFINE_integer("devices", 1, "memory part: fake CPU devices (subprocess)", flag_values=fv)
+    flags.DEFINE_integer("per-device-batch", 1, "memory part: prompts per device", flag_values=fv)
+    flags.DEFINE_integer("sd3-layers", 0, "memory part: SD3-Medium with this many layers", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    prog = "benchmarks.train_step"
+    args = cli.parse(define_flags, argv, prog=prog, doc=__doc__, positional=True)
+    if len(args.positional) > 1 or (args.positional and args.positional[0] not in PARTS):
+        cli.fail(prog, f"expected at most one part, of {PARTS}; got {args.positional}")
+    args.part = args.positional[0] if args.positional else "all"
 
     if (
         args.part in ("memory", "all")
@@ -213,9 +221,9 @@ def main() -> None:
         and "xla_force_host_platform_device_count" not in (os.environ.get("XLA_FLAGS", ""))
     ):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
-        cmd = [sys.executable, __file__, "memory", f"--remat={args.remat}"]
+        cmd = [sys.executable, "-m", "benchmarks.train_step", "memory", f"--remat={args.remat}"]
         cmd += [f"--per-device-batch={args.per_device_batch}", f"--sd3-layers={args.sd3_layers}"]
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
         print(out.strip().splitlines()[-1])
         if args.part == "memory":
             return

@@ -12,13 +12,8 @@ README table): **8x H100 80 GB at 44.0 GiB per GPU** (batch 16, 2 prompts per GP
 95.1 GiB with `--config.mesh.shape="(1,1,1)" --config.train.batch_size=2`; 1-4 H100s not measured.
 """
 
-import os
-import sys
-
-# configs/ is not a package (config_flags loads each file by path): reach the sibling file from any cwd.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from sd3_medium import get_config as sd3_medium_config  # noqa: E402
+# config_flags loads this file by path; configs/ is also a package of the installed project (pyproject.toml).
+from configs.sd3_medium import get_config as sd3_medium_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ The base weights are never saved: they are the model folder's. Orbax commits a s
 folder when all its items are written, and lists only committed steps, so a half-written checkpoint (a kill -9
 mid-save) is never picked up. Resuming compares the saved `meta` with the run's and refuses a different base
 model or different state shapes, naming what changed. `conversion/training_checkpoint.py` reads the same
-layout without JAX models (for `export_to_diffusers.py`).
+layout without JAX models (for `flowsteer_jax.export`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sample images from a diffusers SD3 folder with `SD3Pipeline` (teacher or distilled student).
+r"""Sample images from a diffusers SD3 folder with `SD3Pipeline` (teacher or distilled student).
 
     python -m flowsteer_jax.sample --model=FOLDER --prompts=FILE_OR_TEXT --steps=4 --schedule=rectified \
         --guidance=0 --out=DIR [--batch=4] [--seed=0] [--height=H --width=W] [--dtype=float32|bfloat16] \
@@ -15,16 +15,17 @@ Without SD3 weights, try it on a tiny random pipeline: `python -m flowsteer_jax.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
 
 import jax.numpy as jnp
+from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
+from flowsteer_jax import cli
 from flowsteer_jax.xla_cpu import use_inference_flags
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,25 +53,31 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
     return grid
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flowsteer_jax.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SD3 pipeline folder (model_index.json inside)")
-    p.add_argument("--prompts", required=True, help="a text file with one prompt per line, or a prompt")
-    p.add_argument("--out", required=True, help="output folder for the PNGs and grid.png")
-    p.add_argument("--steps", type=int, default=4, help="number of inference steps (model calls)")
-    p.add_argument("--schedule", choices=("rectified", "diffusers"), default="rectified")
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale; <= 1 means no CFG (one forward/step)")
-    p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--batch", type=int, default=4, help="prompts per jitted call (the last batch is padded)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--max_sequence_length", type=int, default=256)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--no_t5", action="store_true", help="skip the T5 encoder (its tokens become zeros)")
-    p.add_argument("--lora", default=None, help="student LoRA: training workdir, exported folder or .safetensors")
-    p.add_argument("--lora_scale", type=float, default=1.0, help="multiplies the LoRA's effect (with --lora)")
-    return p.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "model", None, "diffusers SD3 pipeline folder (model_index.json inside)", required=True, flag_values=fv
+    )
+    flags.DEFINE_string(
+        "prompts", None, "a text file with one prompt per line, or a prompt", required=True, flag_values=fv
+    )
+    flags.DEFINE_string("out", None, "output folder for the PNGs and grid.png", required=True, flag_values=fv)
+    flags.DEFINE_integer("steps", 4, "number of inference steps (model calls)", flag_values=fv)
+    flags.DEFINE_enum("schedule", "rectified", ["rectified", "diffusers"], "sigma schedule", flag_values=fv)
+    flags.DEFINE_float("guidance", 0.0, "CFG scale; <= 1 means no CFG (one forward/step)", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", None, "negative prompt (with CFG)", flag_values=fv)
+    flags.DEFINE_integer("batch", 4, "prompts per jitted call (the last batch is padded)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "noise seed", flag_values=fv)
+    flags.DEFINE_integer("height", None, "image height (default: the model's)", flag_values=fv)
+    flags.DEFINE_integer("width", None, "image width (default: the model's)", flag_values=fv)
+    flags.DEFINE_integer("max_sequence_length", 256, "T5 tokens", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "compute dtype", flag_values=fv)
+    flags.DEFINE_bool("no_t5", False, "skip the T5 encoder (its tokens become zeros)", flag_values=fv)
+    flags.DEFINE_string("lora", None, "student LoRA: training workdir, exported folder or .safetensors", flag_values=fv)
+    flags.DEFINE_float("lora_scale", 1.0, "multiplies the LoRA's effect (with --lora)", flag_values=fv)
+
+
+def parse_args(argv: list[str] | None = None):
+    return cli.parse(define_flags, argv, prog="flowsteer_jax.sample", doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    # Here, not in main(): XLA reads its flags once, when the first computation creates the backends, and an
-    # in-process main() (tests) would only leak them into the environment of later subprocesses.
+def run() -> int:
+    """The program (`python -m flowsteer_jax.sample`, `flowsteer-sample`): the XLA:CPU inference flags, then main.
+
+    Here, not in main(): XLA reads its flags once, when the first computation creates the backends, and an
+    in-process main() (tests) would only leak them into the environment of later subprocesses.
+    """
     use_inference_flags()
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -355,6 +355,11 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "run folder: checkpoints, tb/, samples/ (resumed if it has one)")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The program: `python -m flowsteer_jax.train`, `flowsteer-train`."""
     define_flags()
     app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,5 +1,5 @@
 """`SD3PromptEncoder.encode_prompt` against diffusers' `StableDiffusion3Pipeline.encode_prompt`, on tiny saved
-pipelines whose tokenizers are built in code (tests/tiny_pipeline.py)."""
+pipelines whose tokenizers are built in code (flowsteer_jax/tools/tiny_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from diffusers import StableDiffusion3Pipeline
 from conversion.safetensors_io import ConversionError
 from flowsteer_jax.models.loading import load_text_encoders
 from flowsteer_jax.text import SD3PromptEncoder
-from tests.tiny_pipeline import write_tiny_pipeline
+from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
 from tests.torch_reference import rel_err, to_np
 
 LONG = "a photo of a red cube on a blue sphere and a cat " * 6  # > 77 CLIP tokens, > 24 T5 tokens

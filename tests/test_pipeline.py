@@ -21,7 +21,7 @@ from PIL import Image
 
 from flowsteer_jax import pipeline as pipeline_mod
 from flowsteer_jax.pipeline import SD3Pipeline
-from tests.tiny_pipeline import write_tiny_pipeline
+from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
 from tests.torch_reference import rel_err, to_np
 
 PROMPTS = ["a photo of a red cat", "the blue cube on a sphere"]

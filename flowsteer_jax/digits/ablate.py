@@ -19,7 +19,6 @@ samples `WORKDIR/samples/<row>_seed<k>.npz`. The OTA cost column is trained wind
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -27,6 +26,9 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
+
+from flowsteer_jax import cli
 
 ROWS = (
     (
@@ -174,16 +176,19 @@ def markdown(t5: dict, t2: dict, seeds: int, machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "run folder (teacher/, samples/, ablation.md)", flag_values=fv, required=True)
+    flags.DEFINE_string("config", os.path.join("configs", "digits.py"), "the digits config file", flag_values=fv)
+    flags.DEFINE_integer("seeds", 3, "seeds per row", flag_values=fv)
+    flags.DEFINE_integer("steps", 0, "distillation steps per run (default: the config's)", flag_values=fv)
+    flags.DEFINE_string("tables", "2,5", "which tables: 2, 5 or 2,5", flag_values=fv)
+    rows = ",".join(r[0] for r in ROWS)
+    flags.DEFINE_string("rows", rows, "Table 5 rows to run (comma-separated)", flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "config override KEY=VALUE, repeatable", flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flowsteer_jax.digits.ablate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default=os.path.join("configs", "digits.py"))
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=0, help="distillation steps per run (default: the config's)")
-    p.add_argument("--tables", default="2,5", help="which tables: 2, 5 or 2,5")
-    p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="Table 5 rows to run (comma-separated)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    args = p.parse_args(argv)
+    args = cli.parse(define_flags, argv, prog="flowsteer_jax.digits.ablate", doc=__doc__)
     import importlib.util
     import logging
     import platform

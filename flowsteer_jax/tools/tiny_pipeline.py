@@ -4,25 +4,20 @@ Nothing is downloaded: the CLIP BPE vocabulary/merges and the T5 unigram `tokeni
 every weight of every model is re-randomised (`randomize_`), so a wrong mapping cannot hide behind an init.
 Shapes keep SD3's relations: CLIP-L and CLIP-G widths sum to the pooled width and fit inside the T5 width, which
 is the transformer's `joint_attention_dim`; the VAE has 16 latent channels, SD3's scale/shift and no quant convs.
+
+Used by the tests, the benchmarks and `python -m flowsteer_jax.tools.tiny_model`. Needs torch, transformers,
+diffusers and tokenizers when called (imported inside the functions): importing this module needs none of them.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from flowsteer_jax.tools.randomize import randomize_
 
-from tests.torch_reference import randomize_
+if TYPE_CHECKING:  # torch, transformers, diffusers and tokenizers are imported where they are used
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
 
 CLIP_MAX_LENGTH = 77
 WORDS = ("a", "an", "the", "of", "on", "in", "and", "photo", "cat", "dog", "red", "blue", "cube", "sphere", "digit")
@@ -79,12 +74,16 @@ def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     vocab, merges = clip_vocab()
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH)
 
 
 def t5_tokenizer_json(path: str) -> None:
     """A T5-style unigram tokenizer (`<pad>`=0, `</s>`=1, `<unk>`=2, `▁` word starts, `</s>` appended)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + w, -1.0 - 0.01 * i) for i, w in enumerate(WORDS)]
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
@@ -101,6 +100,8 @@ def t5_tokenizer_json(path: str) -> None:
 
 
 def t5_tokenizer(workdir: str) -> T5TokenizerFast:
+    from transformers import T5TokenizerFast
+
     path = os.path.join(workdir, "t5_tokenizer.json")
     t5_tokenizer_json(path)
     return T5TokenizerFast(tokenizer_file=path, extra_ids=0, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
@@ -112,6 +113,15 @@ def write_tiny_pipeline(folder: str, *, with_t5: bool = True, seed: int = 0) -> 
     `with_t5=False` saves it as diffusers does with `text_encoder_3=None, tokenizer_3=None` (model_index.json
     entries `[null, null]`); the transformer keeps the T5 width as its `joint_attention_dim`.
     """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
     os.makedirs(folder, exist_ok=True)
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")  # SD3's CLIP-G pads with "!"
     vocab = len(tokenizer)

@@ -1,0 +1,71 @@
+"""One flag library for every program: absl flags, each parse on its own `flags.FlagValues`.
+
+A program writes its flags as a function of a `FlagValues` (`flags.DEFINE_*(..., flag_values=fv)`) and parses
+with `parse(define, argv, prog=..., doc=__doc__)`: every call defines them afresh on a new `FlagValues`, so
+`main(argv)` can run many times in one process (the tests do) and never touches absl's global `flags.FLAGS`
+(the trainer's, with its `--config` file flag). `argv` excludes the program name (`None`: `sys.argv[1:]`).
+
+- `--help` (`-h`, `--helpfull`): the module docstring and the flags, exit code 0;
+- a bad flag (unknown, ill-typed, a required one missing, a stray positional argument): one line
+  `PROG: bad flag: ...` on stderr, exit code 2 (as the trainer's);
+- the values come back as a namespace (`args.steps`; a dashed name such as `--shard-mb` as `args.shard_mb`).
+
+Imports absl only: programs that must stay torch- or jax-free can use it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+HELP = ("--help", "-help", "-h", "--helpshort", "--helpfull")
+
+
+def fail(prog: str, message: str) -> None:
+    """One line on stderr and exit code 2: a bad flag, as a program reports it."""
+    message = " ".join(str(message).split())
+    print(f"{prog}: bad flag: {message} (see --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def help_text(fv: flags.FlagValues, doc: str | None) -> str:
+    """The docstring, then every flag (absl's help without its per-module headings)."""
+    lines = fv.get_help(prefix="", include_special_flags=False).splitlines()
+    listing = "\n".join(line for line in lines if line.startswith(" "))
+    return f"{(doc or '').strip()}\n\nflags:\n{listing}\n"
+
+
+def parse(
+    define: Callable[[flags.FlagValues], None],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    doc: str | None = None,
+    positional: bool = False,
+) -> types.SimpleNamespace:
+    """Define the flags on a fresh `FlagValues`, parse `argv` and return the values as a namespace.
+
+    `positional`: keep the arguments that are not flags as `args.positional` (otherwise they are bad flags).
+    """
+    fv = flags.FlagValues()
+    define(fv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    if any(a in HELP for a in options):
+        print(help_text(fv, doc), end="")
+        raise SystemExit(0)
+    try:
+        rest = fv([prog, *argv])[1:]
+    except flags.Error as e:
+        missing = re.search(r"Flag --([\w-]+) must have a value other than None", str(e))
+        fail(prog, f"--{missing.group(1)} is required" if missing else str(e))
+    values = {name.replace("-", "_"): fv[name].value for name in fv}
+    if positional:
+        values["positional"] = rest
+    elif rest:
+        fail(prog, f"unexpected arguments {rest}")
+    return types.SimpleNamespace(**values)

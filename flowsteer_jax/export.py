@@ -1,0 +1,246 @@
+r"""Export a FlowSteer student (a training workdir's LoRA) to diffusers.
+
+    python -m flowsteer_jax.export --checkpoint=WORKDIR --out=DIR [--step=N] [--fuse] \
+        [--dtype=bf16|fp16|fp32] [--model=FOLDER]
+
+(also `flowsteer-export ...`, and `python conversion/export_to_diffusers.py ...`, the old path, still works).
+
+Writes `DIR/pytorch_lora_weights.safetensors` (PEFT keys `transformer.<module>.lora_A/lora_B.weight`, the
+`alpha / rank` scale folded into lora_B: loads with `StableDiffusion3Pipeline.load_lora_weights(DIR)` or
+`SD3Transformer2DModel.load_lora_adapter`), with `--fuse` also `DIR/transformer/` (config.json + safetensors,
+sharded above `--max_shard_bytes`) with the LoRA merged into the base weights (`SD3Transformer2DModel
+.from_pretrained`), and `DIR/README.md` (base model, training summary, how to sample in diffusers).
+The discriminator is never exported. `--model` (the base diffusers SD3 folder, or its `transformer/`) defaults to
+the one recorded in the checkpoint; it is needed for `--fuse` and must have the checkpoint's transformer config.
+`--dtype`: of the LoRA file (default fp32) and of the fused transformer (default: the base's stored dtype).
+Exit code 2, with a message naming the path, for a missing/incomplete checkpoint or a mismatched base model.
+
+Pure numpy + orbax: never imports torch, nor any JAX model code (of flowsteer_jax only the numpy sigma schedules
+and the flag helper).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+from conversion import sd3_transformer
+from conversion.lora import PEFT_FILE, fuse, lora_pairs, to_peft
+from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint
+from conversion.table import check_checkpoint
+from conversion.training_checkpoint import read_lora
+from flowsteer_jax import cli
+from flowsteer_jax.flow import schedules
+
+PROG = "flowsteer_jax.export"
+
+
+def _dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    return {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+
+
+def rectified_sigmas(num_steps: int, shift: float) -> list[float]:
+    """The student's `num_steps` model-call sigmas `shift(linspace(1, 0, n + 1))[:-1]` (`schedules.sigmas`), each
+    written as the shortest decimal that rounds to the same float32 (what diffusers and our sampler use):
+    `[1.0, 0.9, 0.75, 0.5]`."""
+    return [float(str(x)) for x in schedules.sigmas(int(num_steps), "rectified", float(shift))[:-1]]
+
+
+def student_schedule(config: dict) -> tuple[int, float, str]:
+    """(number of steps, shift, schedule kind) the student was distilled for, from the run's config."""
+    d = config.get("distill", {})
+    n = d.get("num_segments", d.get("num_windows", 4))
+    return int(n), float(d.get("shift", 3.0)), str(d.get("schedule", "rectified"))
+
+
+def transformer_folder(model: str) -> str:
+    """A diffusers SD3 pipeline folder or its `transformer/` folder -> the `transformer/` folder."""
+    inner = os.path.join(model, "transformer")
+    if os.path.isfile(os.path.join(inner, "config.json")):
+        return inner
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return model
+    raise ConversionError(f"{model}: neither a diffusers SD3 folder with transformer/ nor a transformer folder")
+
+
+def check_base(folder: str, transformer_config: dict) -> dict:
+    """The base transformer's raw config.json; ConversionError naming it when it differs from the checkpoint's."""
+    raw, path = sd3_transformer.read_config(folder)
+    with open(path) as f:
+        raw = json.load(f)
+    want = sd3_transformer.normalize_config(transformer_config, "checkpoint transformer_config")
+    have = sd3_transformer.normalize_config(raw, path)
+    diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+    if diff:
+        lines = ", ".join(f"{k}: base {a!r} vs checkpoint {b!r}" for k, (a, b) in diff.items())
+        raise ConversionError(f"{path}: transformer config differs from the checkpoint's ({lines})")
+    return raw
+
+
+def _readme(meta: dict, base: str, step: int, fused: bool, scale: float) -> str:
+    config = meta["config"]
+    n, shift, kind = student_schedule(config)
+    sig = rectified_sigmas(n, shift)
+    lora = config["lora"]
+    d = config.get("distill", {})
+    loss = config.get("loss", {})
+    if kind != "rectified":
+        note = (
+            f"Note: this student was distilled on diffusers' default `{kind}` grid, not the rectified one: sample it "
+            f"with `num_inference_steps={n}` and no `sigmas=` (the rectified recipe below is for rectified runs)."
+        )
+    else:
+        note = ""
+    lines = [
+        "# FlowSteer student (exported from flowsteer-jax)",
+        "",
+        f"- base model: `{base}`",
+        f"- training step: {step}",
+        f"- LoRA: rank {lora['rank']}, alpha {lora['alpha']} (scale {scale:g}, folded into `lora_B`), "
+        f"targets {list(lora.get('targets', []))}",
+        f"- distillation: {n} segments, {kind} schedule, shift {shift:g}, start points {d.get('start_points', '?')}, "
+        f"teacher steps {d.get('teacher_steps', '?')}, CFG {d.get('cfg_min', '?')}-{d.get('cfg_max', '?')}, "
+        f"lambda_adv {loss.get('lambda_adv', '?')}, lambda_fm {loss.get('lambda_fm', '?')}",
+        "",
+        f"`{PEFT_FILE}` holds PEFT/diffusers LoRA keys (no alpha keys: scale 1 as loaded)."
+        + (" `transformer/` is the base transformer with the LoRA merged in." if fused else ""),
+        "",
+        f"## Sampling in diffusers ({n} steps, no guidance, the rectified schedule)",
+        "",
+        f"The student was trained for the sigmas `shift(linspace(1, 0, {n + 1}))` with shift {shift:g}: "
+        f"`{[round(s, 6) for s in sig] + [0.0]}`. diffusers' scheduler shifts the `sigmas=` it is given, so set its "
+        "shift to 1 and pass the already shifted values (its default spacing would waste the last step):",
+        "",
+        *([note, ""] if note else []),
+        "```python",
+        "import torch",
+        "from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline",
+        "",
+        f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}", torch_dtype=torch.float16)',
+        'pipe.load_lora_weights("path/to/this/folder")',
+    ]
+    if fused:
+        lines += [
+            "# or, instead of load_lora_weights, the merged transformer:",
+            "# from diffusers import SD3Transformer2DModel",
+            '# pipe.transformer = SD3Transformer2DModel.from_pretrained("path/to/this/folder/transformer",'
+            " torch_dtype=torch.float16)",
+        ]
+    lines += [
+        "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)",
+        f"sigmas = {sig}",
+        f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=0.0, sigmas=sigmas).images[0]',
+        "```",
+        "",
+        f"Equivalently set the scheduler's shift to {shift:g} (SD3's default is 3) and pass the unshifted "
+        f"`sigmas={rectified_sigmas(n, 1.0)}`.",
+        "",
+        "In flowsteer-jax: `SD3Pipeline.from_pretrained(base).load_lora(folder)`, then "
+        f'`pipe(prompts, num_inference_steps={n}, guidance_scale=0.0, schedule="rectified")`.',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export(
+    checkpoint: str,
+    out: str,
+    *,
+    step: int | None = None,
+    do_fuse: bool = False,
+    dtype: str | None = None,
+    model: str | None = None,
+    max_shard_bytes: int | None = 10 * 2**30,
+) -> dict[str, str]:
+    """Write the LoRA file (and with `do_fuse` the merged `transformer/`) and README.md; returns written paths."""
+    flat, meta = read_lora(checkpoint, step)
+    config = meta["config"]
+    tconf = meta["transformer_config"]
+    table = sd3_transformer.param_table(tconf)
+    lora_pairs(flat, table)  # strict: every adapter fits the checkpoint's own transformer config
+    scale = float(config["lora"]["alpha"]) / float(config["lora"]["rank"])
+    dtypes = _dtypes()
+    if dtype is not None and dtype not in dtypes:
+        raise ConversionError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    named = model
+    model = model or meta.get("model_path") or config.get("model", {}).get("path") or None
+    base_folder = None
+    if named or do_fuse:  # a base we were told to use (or need) must be there
+        if not model:
+            raise ConversionError(f"{checkpoint}: --fuse needs the base model; the checkpoint names none, pass --model")
+        base_folder = transformer_folder(model)
+    elif model and os.path.isdir(model):  # the recorded base, when this machine has it: check it too
+        try:
+            base_folder = transformer_folder(model)
+        except ConversionError:
+            base_folder = None
+    raw_base = check_base(base_folder, tconf) if base_folder is not None else None
+
+    os.makedirs(out, exist_ok=True)
+    written: dict[str, str] = {}
+    lora_dtype = dtypes[dtype or "fp32"]
+    peft = to_peft(flat, scale, table, dtype=lora_dtype)
+    written["lora"] = save_checkpoint(peft, out, name=PEFT_FILE[: -len(".safetensors")], max_shard_bytes=None)[0]
+    if do_fuse:
+        ckpt = open_checkpoint(base_folder)
+        check_checkpoint(ckpt, table, os.path.join(base_folder, "config.json"))
+        base_sd = {k: ckpt.load(k) for k in ckpt.keys()}
+        out_dtype = None if dtype is None else dtypes[dtype]
+        fused = fuse(base_sd, flat, scale, table, dtype=out_dtype)
+        if out_dtype is not None:  # every weight in one dtype (merged ones already are)
+            fused = {k: v.astype(out_dtype, copy=False) for k, v in fused.items()}
+        tdir = os.path.join(out, "transformer")
+        save_checkpoint(fused, tdir, max_shard_bytes=max_shard_bytes)
+        with open(os.path.join(tdir, "config.json"), "w") as f:
+            json.dump(raw_base, f, indent=2)
+        written["transformer"] = tdir
+    base_name = model or "path/to/stable-diffusion-3"
+    readme = os.path.join(out, "README.md")
+    with open(readme, "w") as f:
+        f.write(_readme(meta, base_name, int(meta.get("step", step or 0)), do_fuse, scale))
+    written["readme"] = readme
+    return written
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "training workdir (with checkpoints/)", flag_values=fv, required=True)
+    flags.DEFINE_string("out", None, "output folder", flag_values=fv, required=True)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+    flags.DEFINE_bool("fuse", False, "also write transformer/ with the LoRA merged in", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["bf16", "fp16", "fp32"], "LoRA (and fused transformer) dtype", flag_values=fv)
+    flags.DEFINE_string("model", None, "base diffusers SD3 folder (default: the checkpoint's)", flag_values=fv)
+    flags.DEFINE_integer("max_shard_bytes", 10 * 2**30, "shard the fused transformer above this", flag_values=fv)
+
+
+def parse_args(argv: list[str] | None = None):
+    return cli.parse(define_flags, argv, prog=PROG, doc=__doc__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        written = export(
+            args.checkpoint,
+            args.out,
+            step=args.step,
+            do_fuse=args.fuse,
+            dtype=args.dtype,
+            model=args.model,
+            max_shard_bytes=args.max_shard_bytes,
+        )
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    for what, path in written.items():
+        print(f"wrote {what}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
