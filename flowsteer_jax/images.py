@@ -7,22 +7,22 @@ import os
 import numpy as np
 
 
-def grid(images: np.ndarray, cols: int) -> np.ndarray:
-    """NHWC images -> one HWC image, `cols` per row, 2-pixel white borders."""
+def grid(images: np.ndarray, cols: int, border: int = 2) -> np.ndarray:
+    """NHWC images -> one HWC image, `cols` per row, separated and framed by `border` white pixels."""
     n, h, w, c = images.shape
-    rows = -(-n // cols)
-    out = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.float32)
+    rows, b = -(-n // cols), border
+    out = np.ones((rows * (h + b) + b, cols * (w + b) + b, c), np.float32)
     for i, img in enumerate(images):
         r, q = divmod(i, cols)
-        out[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = img
+        out[b + r * (h + b) : b + r * (h + b) + h, b + q * (w + b) : b + q * (w + b) + w] = img
     return out
 
 
-def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1) -> None:
+def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1, border: int = 2) -> None:
     """NHWC images in [0, 1] -> one PNG grid, each pixel `scale` x `scale` (written atomically)."""
     from PIL import Image
 
-    pixels = np.round(grid(images, cols) * 255).astype(np.uint8)
+    pixels = np.round(grid(images, cols, border) * 255).astype(np.uint8)
     if scale > 1:
         pixels = pixels.repeat(scale, 0).repeat(scale, 1)
     img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)

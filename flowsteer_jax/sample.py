@@ -21,11 +21,13 @@ import sys
 import time
 
 import jax.numpy as jnp
+import numpy as np
 from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
 from flowsteer_jax import cli
+from flowsteer_jax.images import save_grid
 from flowsteer_jax.xla_cpu import use_inference_flags
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,17 +42,6 @@ def read_prompts(arg: str) -> list[str]:
             raise ValueError(f"{arg}: no prompts in the file")
         return prompts
     return [arg]
-
-
-def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Images laid out row-major on a near-square grid (cells the size of the first image)."""
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -124,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, im in enumerate(out[: len(chunk)]):
             im.save(os.path.join(args.out, f"{start + i:05d}.png"))
             images.append(im)
-    make_grid(images).save(os.path.join(args.out, "grid.png"))
+    pixels = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images])
+    save_grid(os.path.join(args.out, "grid.png"), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
     with open(os.path.join(args.out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     print(f"wrote {len(images)} images and grid.png to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
