@@ -174,12 +174,12 @@ def plain_linear(layer: LoRALinear) -> nnx.Linear:
 def remove_lora(model: nnx.Module) -> list[str]:
     """Turn every `LoRALinear` of `model` back into its plain `nnx.Linear` (same Variables), in place.
 
-    Returns the dotted paths of the layers that had an adapter.
+    Returns the dotted paths of the layers that had an adapter, sorted.
     """
     removed = [(path, layer) for path, layer in nnx.iter_modules(model) if isinstance(layer, LoRALinear)]
     for path, layer in removed:
         _replace(model, path, plain_linear(layer))
-    return [dotted(p) for p, _ in removed]
+    return sorted(dotted(p) for p, _ in removed)
 
 
 def set_lora(
