@@ -1,8 +1,16 @@
-"""Read the LoRA adapters (and the run's metadata) out of a training workdir's orbax checkpoints.
+"""The training checkpoint layout, and a reader of the LoRA adapters (and the run's metadata) it holds.
 
-The trainer (`flowsteer_jax/checkpoint.py`) keeps an orbax `CheckpointManager` in `WORKDIR/checkpoints/`: one
-folder per step with two items, `state` (`StandardSave` of `{"step", "nonfinite", "params": {"lora", "disc"},
-"opt_state"}`) and `meta` (`JsonSave`: `step`, `config`, `transformer_config`, `model_path`, ...).
+This module owns the layout: the trainer's writer (`flowsteer_jax/checkpoint.py`, `Checkpointer`) imports the
+names below, and so does every reader. An orbax `CheckpointManager` in `WORKDIR/checkpoints/` (`CHECKPOINTS`)
+keeps one folder per step with two items (`ITEMS`):
+
+- `state` (`STATE`, `StandardSave`): the whole train state `{"step", "nonfinite", "params": {"lora", "disc"},
+  "opt_state"}`, saved from and restored into its shardings; the adapters are the `params.lora` subtree
+  (`LORA_TREE`);
+- `meta` (`META`, `JsonSave`): `step`, `config` (the run's config as a dict), `transformer_config` (the base's
+  `config.json`) -- the keys readers rely on, `META_REQUIRED` -- plus `model_path`, `latent_shape`, `shapes`
+  (every state leaf's shape, by path), `data` (the prompt loader's position) and `time`.
+
 `read_lora` restores `meta` and only the `params.lora` subtree of `state` (no optimizer state, no
 discriminator), as host numpy arrays keyed by dotted Flax path (`"transformer_blocks.0.attn.to_q.lora_a"`).
 
@@ -17,16 +25,24 @@ from typing import Any
 
 import numpy as np
 
+from conversion.lora import LORA_LEAVES
 from conversion.safetensors_io import ConversionError
 
-CHECKPOINTS = "checkpoints"
-ITEMS = ("state", "meta")
+CHECKPOINTS = "checkpoints"  # the orbax manager's folder inside a training workdir
+STATE, META = "state", "meta"  # the items of each step folder
+ITEMS = (STATE, META)
 META_REQUIRED = ("step", "config", "transformer_config")
-LORA_LEAVES = ("lora_a", "lora_b")
+LORA_TREE = ("params", "lora")  # where the adapters sit in the `state` item
 
 
-class CheckpointError(ConversionError):
-    """A training checkpoint is missing, incomplete or not what a reader expects (the message names the folder)."""
+class CheckpointError(ConversionError, RuntimeError):
+    """A training checkpoint is missing, incomplete, from a different run, or not what a reader expects.
+
+    One class for the writer (`flowsteer_jax/checkpoint.py`) and the readers. Both bases on purpose: readers of a
+    checkpoint as an input file (the exporter's and `sample --lora`'s `except ConversionError`, itself a
+    ValueError) catch it as a conversion problem, while to the trainer a refused resume has always been a
+    RuntimeError, as it is to any caller that catches that.
+    """
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -57,7 +73,7 @@ def _manager(directory: str):
 
     return ocp.CheckpointManager(
         directory,
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(create=False),
     )
 
@@ -114,10 +130,10 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
     directory, step = resolve_step(workdir, step)
     mgr = _manager(directory)
     try:
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        meta = mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     finally:
         mgr.close()
-    return _check_meta(meta, os.path.join(directory, str(step), "meta"))
+    return _check_meta(meta, os.path.join(directory, str(step), META))
 
 
 def _check_meta(meta: Any, source: str) -> dict:
@@ -146,23 +162,39 @@ def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarr
     mgr = _manager(directory)
     try:
         try:
-            tree = mgr.item_metadata(step)["state"]
+            tree = mgr.item_metadata(step)[STATE]
             tree = tree.tree if hasattr(tree, "tree") else tree
-            lora_md = tree["params"]["lora"]
+            lora_md = _subtree(tree, LORA_TREE)
         except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-            raise CheckpointError(f"{step_dir}/state: no params.lora in the saved state ({e!r})") from e
+            where = ".".join(LORA_TREE)
+            raise CheckpointError(f"{step_dir}/{STATE}: no {where} in the saved state ({e!r})") from e
         leaves = _flatten(_as_dict(lora_md))
-        item = {"params": {"lora": _unflatten({p: np.zeros(m.shape, m.dtype) for p, m in leaves.items()})}}
-        restore_args = {"params": {"lora": _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in leaves})}}
+        item = _nest(LORA_TREE, _unflatten({p: np.zeros(m.shape, m.dtype) for p, m in leaves.items()}))
+        restore_args = _nest(LORA_TREE, _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in leaves}))
         args = ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-            meta=ocp.args.JsonRestore(),
+            **{
+                STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+                META: ocp.args.JsonRestore(),
+            }
         )
         restored = mgr.restore(step, args=args)
     finally:
         mgr.close()
-    meta = _check_meta(restored["meta"], os.path.join(step_dir, "meta"))
-    return flat_lora_from_tree(restored["state"]["params"]["lora"], f"{step_dir}/state"), meta
+    meta = _check_meta(restored[META], os.path.join(step_dir, META))
+    return flat_lora_from_tree(_subtree(restored[STATE], LORA_TREE), f"{step_dir}/{STATE}"), meta
+
+
+def _subtree(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _nest(path: tuple[str, ...], tree: Any) -> dict:
+    """`tree` placed at `path` (`("params", "lora")` -> `{"params": {"lora": tree}}`)."""
+    for key in reversed(path):
+        tree = {key: tree}
+    return tree
 
 
 def _as_dict(tree: Any) -> Any:

@@ -1,18 +1,14 @@
-"""Training checkpoints: an orbax `CheckpointManager` under `WORKDIR/checkpoints/`.
+"""Training checkpoints: an orbax `CheckpointManager` under `WORKDIR/checkpoints/`, written by `Checkpointer`.
 
-Each step folder holds two items:
-
-- `state`: the whole train state (`step`, `nonfinite`, `params` {"lora", "disc"}, `opt_state`), saved from and
-  restored into its shardings, so every host writes and reads its own shards;
-- `meta`: JSON with `step`, `config` (the run's config as a dict), `model_path`, `transformer_config` (the
-  base's `config.json`), `latent_shape`, `shapes` (every state leaf's shape, by path), `data` (the prompt
-  loader's position) and `time`.
+The layout (folder name, the `state` and `meta` items, the meta keys readers rely on) and `CheckpointError` are
+defined once in `conversion/training_checkpoint.py`, which also reads the adapters back without JAX models (for
+`flowsteer_jax.export` and `SD3Pipeline.load_lora`); this module writes and resumes that layout. `state` is
+saved from and restored into its shardings, so every host writes and reads its own shards.
 
 The base weights are never saved: they are the model folder's. Orbax commits a step by renaming its temporary
 folder when all its items are written, and lists only committed steps, so a half-written checkpoint (a kill -9
 mid-save) is never picked up. Resuming compares the saved `meta` with the run's and refuses a different base
-model or different state shapes, naming what changed. `conversion/training_checkpoint.py` reads the same
-layout without JAX models (for `flowsteer_jax.export`).
+model or different state shapes, naming what changed.
 """
 
 from __future__ import annotations
@@ -25,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from conversion.training_checkpoint import CHECKPOINTS, META, STATE, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +38,6 @@ STRUCTURAL_KEYS = (
 )
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
 def leaf_shapes(tree: Any) -> dict[str, list[int]]:
     """`{path: shape}` of every leaf (arrays or ShapeDtypeStructs): what a resume must match."""
     return {
@@ -55,7 +49,7 @@ class Checkpointer:
     """Save/restore the train state and its metadata; keeps the newest `keep` steps."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep and keep > 0 else None, create=True, enable_async_checkpointing=async_save
         )
@@ -69,14 +63,14 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         meta = {**meta, "step": int(step), "time": time.time(), "shapes": leaf_shapes(train_state)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(train_state), META: ocp.args.JsonSave(meta)})
         return self.manager.save(step, args=args, force=True)
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
     def restore(self, abstract_state: Any, expect: dict, step: int | None = None) -> tuple[Any, dict]:
         """`(train_state, meta)` of `step` (default: latest), placed as `abstract_state`'s shardings say.
@@ -94,8 +88,8 @@ class Checkpointer:
                 f"the checkpoint at {self.directory}/{step} was made by a different run; start a new --workdir "
                 "or restore the old settings:\n  " + "\n  ".join(problems)
             )
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored.state, meta
+        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
+        return self.manager.restore(step, args=args)[STATE], meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -32,17 +32,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from conversion import lora as lora_conv
-from conversion import sd3_transformer
-from conversion.safetensors_io import ConversionError
 from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS, Cond, model_velocity, sample
 from flowsteer_jax.flow.schedules import KINDS, scheduler_settings
 from flowsteer_jax.flow.schedules import sigmas as make_sigmas
-from flowsteer_jax.models.loading import load_transformer, load_vae, pipeline_component
-from flowsteer_jax.models.lora import LoRALinear, lora_layers
+from flowsteer_jax.models.loading import load_transformer, load_vae, pipeline_component, read_lora
+from flowsteer_jax.models.lora import set_lora
 from flowsteer_jax.models.mmdit import MMDiT
 from flowsteer_jax.models.vae import AutoencoderKL
-from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, batch_sharding, current_mesh, make_mesh, variable_sharding
+from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, batch_sharding, current_mesh, make_mesh
 from flowsteer_jax.text import SD3PromptEncoder
 
 OUTPUT_TYPES = ("latent", "np", "pil")
@@ -91,15 +88,6 @@ def to_pil(images: np.ndarray) -> list:
     if images.shape[-1] == 1:
         return [Image.fromarray(im.squeeze(), mode="L") for im in images]
     return [Image.fromarray(im) for im in images]
-
-
-def _plain_linear(layer: LoRALinear) -> nnx.Linear:
-    """The `nnx.Linear` under a `LoRALinear`: same kernel/bias Variables (no copy), no adapter."""
-    plain = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
-    for name, value in vars(layer).items():
-        if not name.startswith("_") and not name.startswith("lora_"):
-            setattr(plain, name, value)
-    return plain
 
 
 class SD3Pipeline:
@@ -173,81 +161,10 @@ class SD3Pipeline:
         `lora.up` with optional `.alpha`). `scale` multiplies the adapters' effect. Loading again replaces the
         previous adapters. Strict: a key that maps to no Linear of this transformer raises ConversionError.
         """
-        from conversion.training_checkpoint import checkpoint_dir, read_lora
-
-        config = self.transformer.config.to_diffusers()
-        table = sd3_transformer.param_table(config)
-        weights = os.path.join(path, lora_conv.PEFT_FILE) if os.path.isdir(path) else path
-        if os.path.isfile(weights):
-            from safetensors import safe_open
-
-            with safe_open(weights, framework="np") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}
-            try:
-                flat, _ = lora_conv.from_peft(state, table)
-            except ConversionError as e:
-                raise ConversionError(f"{weights}: {e}") from e
-            layer_scale = float(scale)
-        elif os.path.isdir(path):
-            checkpoint_dir(path)  # a clear error when it is neither a LoRA folder nor a workdir
-            flat, meta = read_lora(path)
-            theirs = sd3_transformer.normalize_config(meta["transformer_config"], f"{path} transformer_config")
-            ours = sd3_transformer.normalize_config(config)
-            diff = sorted(k for k in ours if ours[k] != theirs[k])
-            if diff:
-                raise ConversionError(
-                    f"{path}: trained on a transformer config that differs from this pipeline's in {diff}"
-                )
-            lora_cfg = meta["config"]["lora"]
-            layer_scale = float(scale) * float(lora_cfg["alpha"]) / float(lora_cfg["rank"])
-        else:
-            raise FileNotFoundError(f"{path}: no such LoRA file, exported LoRA folder or training workdir")
-        try:
-            pairs = lora_conv.lora_pairs(flat, table)
-        except ConversionError as e:
-            raise ConversionError(f"{path}: {e}") from e
-        self._set_lora(pairs, layer_scale)
+        pairs, layer_scale = read_lora(path, self.transformer.config, scale)
+        adapted = set_lora(self.transformer, pairs, layer_scale, mesh=self.mesh, rules=self.rules)
         self._refresh_transformer()
-        return sorted(pairs)
-
-    def _set_lora(self, pairs: dict, layer_scale: float) -> None:
-        """Drop every current adapter, then adapt each listed module with its (A, B) and `layer_scale`."""
-        model = self.transformer
-
-        def locate(dotted: str):
-            keys = [int(k) if k.isdigit() else k for k in dotted.split(".")]
-            parent = model
-            for k in keys[:-1]:
-                parent = parent[k] if isinstance(k, int) else getattr(parent, k)
-            return parent, keys[-1]
-
-        def get(parent, key):
-            return parent[key] if isinstance(key, int) else getattr(parent, key)
-
-        def put(parent, key, module):
-            if isinstance(key, int):
-                parent[key] = module
-            else:
-                setattr(parent, key, module)
-
-        # Check every target first, so a bad file leaves the model untouched.
-        for module_path in pairs:
-            parent, key = locate(module_path)
-            if not isinstance(get(parent, key), nnx.Linear):
-                raise ConversionError(f"LoRA module {module_path!r} is not an nnx.Linear in this transformer")
-        for path, layer in list(nnx.iter_modules(model)):
-            if isinstance(layer, LoRALinear):
-                put(*locate(".".join(str(p) for p in path)), _plain_linear(layer))
-        assert not lora_layers(model)
-        for module_path, (_, a, b) in pairs.items():
-            parent, key = locate(module_path)
-            layer = LoRALinear(get(parent, key), rank=a.shape[1], alpha=a.shape[1], rngs=nnx.Rngs(0))
-            for var, value in ((layer.lora_a, a), (layer.lora_b, b)):
-                value = np.asarray(value, np.float32)
-                sharding = variable_sharding(var, self.mesh, self.rules) if self.mesh is not None else None
-                var.set_value(jax.device_put(value, sharding))
-            layer.lora_scale = float(layer_scale)
-            put(parent, key, layer)
+        return adapted
 
     # --- helpers ---
 

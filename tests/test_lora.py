@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowsteer_jax.models.lora import LoRALinear, apply_lora, set_lora_enabled, split_lora
+from conversion.safetensors_io import ConversionError
+from flowsteer_jax.models.lora import (
+    LoRALinear,
+    apply_lora,
+    lora_layers,
+    module_at,
+    remove_lora,
+    set_lora,
+    set_lora_enabled,
+    split_lora,
+)
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 
 TINY = MMDiTConfig(
@@ -122,3 +132,41 @@ def test_lora_scale_and_gradient_only_to_adapters():
 
     with pytest.raises(ValueError, match="match no nnx.Linear"):
         apply_lora(MMDiT(TINY, rngs=nnx.Rngs(0)), rank=2, alpha=2.0, targets=("to_qq",), rngs=nnx.Rngs(0))
+
+
+def test_set_lora_replaces_all_adapters_and_remove_lora_restores_plain_linears():
+    model = MMDiT(TINY, rngs=nnx.Rngs(0))
+    ref = nnx.merge(*nnx.split(model))(*inputs())
+    kernel = module_at(model, "transformer_blocks.1.attn.to_q").kernel
+    apply_lora(model, rank=4, alpha=8.0, rngs=nnx.Rngs(1))
+    r = np.random.default_rng(0)
+    pairs = {
+        "transformer_blocks.1.attn.to_q": (r.standard_normal((16, 3)), r.standard_normal((3, 16))),
+        "transformer_blocks.0.ff.net.2": (r.standard_normal((64, 2)), r.standard_normal((2, 16))),
+    }
+    assert set_lora(model, pairs, 0.5) == sorted(pairs)
+    assert len(lora_layers(model)) == 2  # the 37 trained adapters are gone, not stacked
+    layer = module_at(model, "transformer_blocks.1.attn.to_q")
+    assert isinstance(layer, LoRALinear) and layer.lora_rank == 3 and layer.lora_scale == 0.5
+    assert layer.kernel is kernel  # same Variable: no copy of the base weights
+    np.testing.assert_array_equal(layer.lora_b[...], np.float32(pairs["transformer_blocks.1.attn.to_q"][1]))
+
+    def adapters():
+        return {n: (np.asarray(module_at(model, n).lora_a[...]), module_at(model, n).lora_scale) for n in pairs}
+
+    before = adapters()
+    with pytest.raises(ConversionError, match="pos_embed.proj.*not an nnx.Linear"):
+        set_lora(model, {**pairs, "pos_embed.proj": pairs["transformer_blocks.1.attn.to_q"]}, 1.0)
+    with pytest.raises(ConversionError, match="no_such.*not an nnx.Linear"):
+        set_lora(model, {"transformer_blocks.0.no_such": pairs["transformer_blocks.1.attn.to_q"]}, 1.0)
+    after = adapters()
+    assert len(lora_layers(model)) == 2  # a bad target changes nothing
+    for name in before:
+        np.testing.assert_array_equal(after[name][0], before[name][0])
+        assert after[name][1] == before[name][1]
+
+    assert remove_lora(model) == sorted(pairs)
+    assert not lora_layers(model)
+    plain = module_at(model, "transformer_blocks.1.attn.to_q")
+    assert type(plain) is nnx.Linear and plain.kernel is kernel
+    np.testing.assert_array_equal(np.asarray(nnx.merge(*nnx.split(model))(*inputs())), np.asarray(ref))

@@ -334,3 +334,29 @@ def test_remat_inside_scan_closure():
         return jax.jit(lambda h: jax.lax.scan(body, h, None, length=2)[0])(x)
 
     np.testing.assert_allclose(loop(remat), loop(plain), rtol=1e-6, atol=1e-6)
+
+
+def test_model_configs_take_their_fields_from_the_conversion_schemas():
+    import dataclasses
+
+    from conversion import clip, sd3_transformer, t5, vae
+    from flowsteer_jax.models.config import schema_dataclass
+    from flowsteer_jax.models.text.clip import CLIPTextConfig
+    from flowsteer_jax.models.text.t5 import T5Config
+    from flowsteer_jax.models.vae import AutoencoderKLConfig
+
+    for cls, defaults in [
+        (MMDiTConfig, sd3_transformer.DEFAULTS),
+        (AutoencoderKLConfig, vae.DEFAULTS),
+        (CLIPTextConfig, {**clip.DEFAULTS, "architecture": clip.ARCHITECTURES[0]}),
+        (T5Config, t5.DEFAULTS),
+    ]:
+        assert [(f.name, f.default) for f in dataclasses.fields(cls)] == list(defaults.items()), cls
+        assert cls.__module__.startswith("flowsteer_jax.models") and cls() == cls()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cls().vocab_size = 1
+    with pytest.raises(TypeError, match="come from the schema"):
+
+        @schema_dataclass({"a": 1})
+        class Bad:
+            b: int = 2

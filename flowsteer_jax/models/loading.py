@@ -3,6 +3,9 @@
 Loading builds the module abstractly (`nnx.eval_shape`, no allocation), then reads, converts, casts and places
 one tensor at a time: with a mesh (argument or `jax.set_mesh`) each weight goes straight to its sharding, and a
 bf16 checkpoint loaded as bf16 is never widened to fp32.
+
+`read_lora` reads a LoRA for the transformer (a PEFT/diffusers file or folder, or a training workdir) into the
+`(A, B)` pairs that `flowsteer_jax.models.lora.set_lora` applies.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from safetensors import safe_open
 
 from conversion import clip as clip_conv
-from conversion import sd3_transformer
+from conversion import lora as lora_conv
+from conversion import sd3_transformer, training_checkpoint
 from conversion import t5 as t5_conv
 from conversion import vae as vae_conv
 from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint
@@ -74,6 +79,51 @@ def load_transformer(
         return MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation, remat_policy=remat_policy)
 
     return _place(build, folder, sd3_transformer.param_table(raw), config_path, dtype, mesh, rules)
+
+
+def read_lora(
+    path: str, transformer_config: MMDiTConfig | Mapping[str, Any], scale: float = 1.0
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """A LoRA for the transformer of `transformer_config` -> (`{module path: (A (in, r), B (r, out))}`, layer scale).
+
+    `path`: a `.safetensors` file (PEFT `lora_A`/`lora_B` keys, with or without `transformer.`, or `lora.down`/
+    `lora.up` with optional `.alpha`, folded into B), a folder with `pytorch_lora_weights.safetensors`, or a
+    training workdir (its latest orbax checkpoint: the run's `alpha / rank` joins the layer scale, and its
+    transformer config must equal `transformer_config`). The layer scale is `scale` times that. Strict: a key that
+    maps to no Linear of this transformer raises ConversionError naming `path`; FileNotFoundError when `path` is
+    none of the three.
+    """
+    if isinstance(transformer_config, MMDiTConfig):
+        transformer_config = transformer_config.to_diffusers()
+    table = sd3_transformer.param_table(transformer_config)
+    weights = os.path.join(path, lora_conv.PEFT_FILE) if os.path.isdir(path) else path
+    if os.path.isfile(weights):
+        with safe_open(weights, framework="np") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            flat, _ = lora_conv.from_peft(state, table)
+        except ConversionError as e:
+            raise ConversionError(f"{weights}: {e}") from e
+        layer_scale = float(scale)
+    elif os.path.isdir(path):
+        training_checkpoint.checkpoint_dir(path)  # a clear error when it is neither a LoRA folder nor a workdir
+        flat, meta = training_checkpoint.read_lora(path)
+        theirs = sd3_transformer.normalize_config(meta["transformer_config"], f"{path} transformer_config")
+        ours = sd3_transformer.normalize_config(transformer_config)
+        diff = sorted(k for k in ours if ours[k] != theirs[k])
+        if diff:
+            raise ConversionError(
+                f"{path}: trained on a transformer config that differs from this pipeline's in {diff}"
+            )
+        lora_cfg = meta["config"]["lora"]
+        layer_scale = float(scale) * float(lora_cfg["alpha"]) / float(lora_cfg["rank"])
+    else:
+        raise FileNotFoundError(f"{path}: no such LoRA file, exported LoRA folder or training workdir")
+    try:
+        pairs = lora_conv.lora_pairs(flat, table)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from e
+    return {module: (a, b) for module, (_, a, b) in pairs.items()}, layer_scale
 
 
 def flat_params(model: nnx.Module) -> dict[tuple, np.ndarray]:

@@ -10,16 +10,27 @@ Teacher and student are the same module with a *static* switch: `set_lora_enable
 every `LoRALinear` skip its low-rank branch entirely (no `x @ A @ B` in the compiled graph), so inside a
 jitted step `nnx.merge(graphdef, base, lora)` twice gives a teacher view and a student view of one copy of
 the base weights.
+
+Surgery, all over one path walker (`module_at` / `_replace`): `apply_lora` (fresh trainable adapters on the
+targeted layers), `set_lora` (replace every adapter with given `(A, B)` pairs and one scale: how a trained LoRA is
+loaded for inference) and `remove_lora` (each `LoRALinear` back to the plain `nnx.Linear` on the same Variables).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
+
+from conversion.safetensors_io import ConversionError
+from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, variable_sharding
+
+ModulePath = tuple[str | int, ...]
 
 # Attention projections (joint and, on SD3.5's dual-attention blocks, `attn2`) and both FFNs of every block.
 DEFAULT_TARGETS: tuple[str, ...] = (
@@ -75,12 +86,43 @@ class LoRALinear(nnx.Linear):
         return y + (self.lora_scale * delta).astype(dt)
 
 
-def _dotted(path: Sequence) -> str:
+# --- the path walker: a module path is a tuple (`("transformer_blocks", 0, "attn", "to_q")`) or its dotted form ---
+
+
+def dotted(path: Sequence) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _matches(dotted: str, target: str) -> bool:
-    return dotted == target or dotted.endswith("." + target)
+def module_path(path: str | Sequence) -> ModulePath:
+    """A dotted path (`"transformer_blocks.0.attn.to_q"`) or a path sequence -> the tuple, list indices as ints."""
+    keys = path.split(".") if isinstance(path, str) else path
+    return tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in keys)
+
+
+def _child(parent, key: str | int):
+    return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
+def module_at(model: nnx.Module, path: str | Sequence):
+    """The submodule of `model` at `path` (AttributeError/IndexError where there is none)."""
+    node = model
+    for key in module_path(path):
+        node = _child(node, key)
+    return node
+
+
+def _replace(model: nnx.Module, path: str | Sequence, module: nnx.Module) -> None:
+    """Put `module` at `path` in `model`, in place."""
+    *head, key = module_path(path)
+    parent = module_at(model, head)
+    if isinstance(key, int):
+        parent[key] = module
+    else:
+        setattr(parent, key, module)
+
+
+def _matches(dotted_path: str, target: str) -> bool:
+    return dotted_path == target or dotted_path.endswith("." + target)
 
 
 def apply_lora(
@@ -105,10 +147,10 @@ def apply_lora(
     for path, module in nnx.iter_modules(model):
         if type(module) is not nnx.Linear:  # LoRALinear (already adapted) and other modules are skipped
             continue
-        dotted = _dotted(path)
-        if not re.fullmatch(scope, dotted):
+        name = dotted(path)
+        if not re.fullmatch(scope, name):
             continue
-        hits = [t for t in targets if _matches(dotted, t)]
+        hits = [t for t in targets if _matches(name, t)]
         if hits:
             used.update(hits)
             found.append((path, module))
@@ -116,15 +158,62 @@ def apply_lora(
     if missing:
         raise ValueError(f"LoRA targets {missing} match no nnx.Linear under scope {scope!r}")
     for path, module in found:
-        parent = model
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        new = LoRALinear(module, rank=rank, alpha=alpha, rngs=rngs, param_dtype=param_dtype)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = new
-        else:
-            setattr(parent, path[-1], new)
-    return [_dotted(p) for p, _ in found]
+        _replace(model, path, LoRALinear(module, rank=rank, alpha=alpha, rngs=rngs, param_dtype=param_dtype))
+    return [dotted(p) for p, _ in found]
+
+
+def plain_linear(layer: LoRALinear) -> nnx.Linear:
+    """The `nnx.Linear` under a `LoRALinear`: same kernel/bias Variables (no copy), no adapter."""
+    plain = nnx.Linear(1, 1, rngs=nnx.Rngs(0))
+    for name, value in vars(layer).items():
+        if not name.startswith("_") and not name.startswith("lora_"):
+            setattr(plain, name, value)
+    return plain
+
+
+def remove_lora(model: nnx.Module) -> list[str]:
+    """Turn every `LoRALinear` of `model` back into its plain `nnx.Linear` (same Variables), in place.
+
+    Returns the dotted paths of the layers that had an adapter, sorted.
+    """
+    removed = [(path, layer) for path, layer in nnx.iter_modules(model) if isinstance(layer, LoRALinear)]
+    for path, layer in removed:
+        _replace(model, path, plain_linear(layer))
+    return sorted(dotted(p) for p, _ in removed)
+
+
+def set_lora(
+    model: nnx.Module,
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    scale: float,
+    *,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+) -> list[str]:
+    """Replace all adapters of `model`: drop every current one, then adapt each listed Linear with its `(A, B)`.
+
+    `pairs`: dotted module path -> (`A (in, r)`, `B (r, out)`); each layer computes `x @ W + b + scale * x @ A @ B`
+    (so its `lora_scale` is `scale`, whatever the rank). Every target is checked first, so a bad one raises a
+    ConversionError and leaves the model untouched. With `mesh`, A and B are placed as `rules` shard them.
+    Returns the adapted paths, sorted.
+    """
+    for path in pairs:  # check every target before changing anything
+        try:
+            ok = isinstance(module_at(model, path), nnx.Linear)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ConversionError(f"LoRA module {path!r} is not an nnx.Linear in this transformer")
+    remove_lora(model)
+    for path, (a, b) in pairs.items():
+        rank = a.shape[1]
+        layer = LoRALinear(module_at(model, path), rank=rank, alpha=rank, rngs=nnx.Rngs(0))
+        for var, value in ((layer.lora_a, a), (layer.lora_b, b)):
+            sharding = variable_sharding(var, mesh, rules) if mesh is not None else None
+            var.set_value(jax.device_put(np.asarray(value, np.float32), sharding))
+        layer.lora_scale = float(scale)
+        _replace(model, path, layer)
+    return sorted(pairs)
 
 
 def lora_layers(model: nnx.Module) -> list[LoRALinear]:

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.sd3_transformer import normalize_config
+from conversion.sd3_transformer import DEFAULTS, normalize_config
 from flowsteer_jax import parallel
 from flowsteer_jax.models.attention import Attention
+from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import AdaLayerNorm, Buffer, FeedForward, layer_norm, linear, modulate
 
 # Names accepted by `remat_policy`: what each block keeps for the backward pass (None: no remat).
@@ -30,23 +31,14 @@ REMAT_POLICIES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@schema_dataclass(DEFAULTS)
 class MMDiTConfig:
-    """The fields of diffusers' SD3Transformer2DModel config.json, with its defaults."""
+    """The fields of diffusers' SD3Transformer2DModel config.json, with its defaults.
 
-    sample_size: int = 128
-    patch_size: int = 2
-    in_channels: int = 16
-    num_layers: int = 18
-    attention_head_dim: int = 64
-    num_attention_heads: int = 18
-    joint_attention_dim: int = 4096
-    caption_projection_dim: int = 1152
-    pooled_projection_dim: int = 2048
-    out_channels: int = 16
-    pos_embed_max_size: int = 96
-    dual_attention_layers: tuple[int, ...] = ()
-    qk_norm: str | None = None
+    Fields and defaults: `conversion.sd3_transformer.DEFAULTS` (sample_size, patch_size, in_channels,
+    num_layers, attention_head_dim, num_attention_heads, joint_attention_dim, caption_projection_dim,
+    pooled_projection_dim, out_channels, pos_embed_max_size, dual_attention_layers, qk_norm).
+    """
 
     def __post_init__(self):
         normalize_config(dataclasses.asdict(self), "MMDiTConfig")  # same validation as the converter

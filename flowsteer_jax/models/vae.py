@@ -18,31 +18,19 @@ from flax import nnx
 
 from conversion import vae as vae_table
 from flowsteer_jax.models.attention import dot_product_attention
+from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import linear
 
 
-@dataclasses.dataclass(frozen=True)
+@schema_dataclass(vae_table.DEFAULTS)
 class AutoencoderKLConfig:
-    """The fields of diffusers' AutoencoderKL config.json, with its defaults."""
+    """The fields of diffusers' AutoencoderKL config.json, with its defaults.
 
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
-    block_out_channels: tuple[int, ...] = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: int | tuple[int, ...] = 32
-    scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    latents_mean: tuple[float, ...] | None = None
-    latents_std: tuple[float, ...] | None = None
-    force_upcast: bool = True
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
+    Fields and defaults: `conversion.vae.DEFAULTS` (in_channels, out_channels, down_block_types, up_block_types,
+    block_out_channels, layers_per_block, act_fn, latent_channels, norm_num_groups, sample_size, scaling_factor,
+    shift_factor, latents_mean, latents_std, force_upcast, use_quant_conv, use_post_quant_conv,
+    mid_block_add_attention).
+    """
 
     def __post_init__(self):
         vae_table.normalize_config(dataclasses.asdict(self), "AutoencoderKLConfig")

@@ -17,26 +17,18 @@ from flax import nnx
 
 from conversion import clip as clip_table
 from flowsteer_jax.models.attention import check_implementation, dot_product_attention
+from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import activation, linear
 
 
-@dataclasses.dataclass(frozen=True)
+@schema_dataclass(clip_table.DEFAULTS, architecture=clip_table.ARCHITECTURES[0])
 class CLIPTextConfig:
-    """The fields of transformers' CLIPTextConfig that the model uses, with its defaults."""
+    """The fields of transformers' CLIPTextConfig that the model uses, with its defaults.
 
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
-    projection_dim: int = 512
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = 49406
-    eos_token_id: int = 49407
-    architecture: str = "CLIPTextModelWithProjection"
+    Fields and defaults: `conversion.clip.DEFAULTS` (vocab_size, hidden_size, intermediate_size, projection_dim,
+    num_hidden_layers, num_attention_heads, max_position_embeddings, hidden_act, layer_norm_eps, pad_token_id,
+    bos_token_id, eos_token_id), then `architecture` ("CLIPTextModelWithProjection" or "CLIPTextModel").
+    """
 
     def __post_init__(self):
         clip_table.normalize_config(self.to_transformers(), "CLIPTextConfig")

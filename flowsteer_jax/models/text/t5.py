@@ -22,25 +22,18 @@ from flax import nnx
 
 from conversion import t5 as t5_table
 from flowsteer_jax.models.attention import check_implementation, dot_product_attention
+from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import activation, linear
 
 
-@dataclasses.dataclass(frozen=True)
+@schema_dataclass(t5_table.DEFAULTS)
 class T5Config:
-    """The fields of transformers' T5Config that the encoder uses, with its defaults."""
+    """The fields of transformers' T5Config that the encoder uses, with its defaults.
 
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 2048
-    num_layers: int = 6
-    num_heads: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
-    feed_forward_proj: str = "relu"
-    pad_token_id: int | None = 0
-    eos_token_id: int | None = 1
+    Fields and defaults: `conversion.t5.DEFAULTS` (vocab_size, d_model, d_kv, d_ff, num_layers, num_heads,
+    relative_attention_num_buckets, relative_attention_max_distance, layer_norm_epsilon, feed_forward_proj,
+    pad_token_id, eos_token_id).
+    """
 
     def __post_init__(self):
         t5_table.normalize_config(dataclasses.asdict(self), "T5Config")
