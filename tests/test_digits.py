@@ -200,7 +200,7 @@ def test_digits_run_end_to_end_and_ablation(tmp_path):
 
     from flowsteer_jax.digits import ablate
     from flowsteer_jax.train import train
-    from tests.test_lora_export import check_export
+    from tests.test_export import check_export
     from tests.test_train import _load_config
 
     config = _load_config("digits")
