@@ -7,6 +7,7 @@ materialised as a full fp32 copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -102,6 +103,33 @@ def open_checkpoint(folder: str) -> Checkpoint:
     if problems:
         raise ConversionError(f"{folder}: inconsistent checkpoint:\n  " + "\n  ".join(problems))
     return Checkpoint(folder=folder, files=files, shapes=shapes)
+
+
+FINGERPRINT_CHUNKS = 8  # sampled stretches of each weight file, besides its header
+FINGERPRINT_CHUNK_BYTES = 1 << 16
+
+
+def weights_fingerprint(folder: str) -> str:
+    """A cheap identity of a weight folder's contents: 16 hex digits.
+
+    Hashes each weight file's name, size and safetensors header (every key, dtype, shape and offset) and
+    `FINGERPRINT_CHUNKS` evenly spaced stretches of its tensor bytes: a few MB read from a 10 GB file, yet two
+    folders with the same config but other weights (a fine-tune, another seed) differ with near certainty.
+    Stored in training checkpoints and exports, so a resume or a `--fuse` export on other base weights is refused.
+    """
+    ckpt = open_checkpoint(folder)
+    h = hashlib.sha256()
+    for path in sorted(set(ckpt.files.values())):
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f"{os.path.basename(path)}\0{size}\0".encode())
+            h.update(f.read(header_len))
+            start, span = 8 + header_len, max(size - 8 - header_len, 0)
+            for i in range(FINGERPRINT_CHUNKS):
+                f.seek(start + span * i // FINGERPRINT_CHUNKS)
+                h.update(f.read(FINGERPRINT_CHUNK_BYTES))
+    return h.hexdigest()[:16]
 
 
 def save_checkpoint(

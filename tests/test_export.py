@@ -491,3 +491,17 @@ def test_sample_cli_lora(world, exported, ours, tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "00000.png")
     layers = lora_layers(ours.transformer)  # --lora replaced the adapters, with --lora_scale on the layer
     assert len(layers) == len(world["flat"]) // 2 and all(layer.lora_scale == 0.5 for layer in layers)
+
+
+def test_weights_fingerprint_tells_weights_apart(tmp_path):
+    """One value changed (same keys, shapes, size): another fingerprint; the same values saved again: the same."""
+    from conversion.safetensors_io import save_checkpoint, weights_fingerprint
+
+    r = np.random.default_rng(0)
+    tensors = {f"w{i}": r.standard_normal((64, 64)).astype(np.float32) for i in range(4)}
+    save_checkpoint(tensors, str(tmp_path / "a"))
+    save_checkpoint(tensors, str(tmp_path / "b"))
+    tensors["w0"][0, 0] += 1.0
+    save_checkpoint(tensors, str(tmp_path / "c"))
+    a, b, c = (weights_fingerprint(str(tmp_path / n)) for n in "abc")
+    assert a == b != c and len(a) == 16
