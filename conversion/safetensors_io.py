@@ -17,9 +17,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from conversion.errors import ConversionError
 
-class ConversionError(ValueError):
-    """A checkpoint does not match what its config implies. The message names every offending key and file."""
+__all__ = ["Checkpoint", "ConversionError", "open_checkpoint", "save_checkpoint", "weights_fingerprint"]
 
 
 @dataclass

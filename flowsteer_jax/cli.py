@@ -8,9 +8,12 @@ with `parse(define, argv, prog=..., doc=__doc__)`: every call defines them afres
 - `--help` (`-h`, `--helpfull`): the module docstring and the flags, exit code 0;
 - a bad flag (unknown, ill-typed, a required one missing, a stray positional argument): one line
   `PROG: bad flag: ...` on stderr, exit code 2 (as the trainer's);
-- the values come back as a namespace (`args.steps`; a dashed name such as `--shard-mb` as `args.shard_mb`).
+- the values come back as a namespace (`args.steps`; a dashed name such as `--shard-mb` as `args.shard_mb`);
+- `run(prog, main)`: the project's input errors (`conversion.errors.InputError`: bad config values, paths, files,
+  weights; and missing files) as one line `PROG: error: ...` on stderr, exit code 2; other exceptions (bugs)
+  keep their traceback.
 
-Imports absl only: programs that must stay torch- or jax-free can use it.
+Imports absl and `conversion.errors` only: programs that must stay torch- or jax-free can use it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
+from conversion.errors import InputError
+
+# What a program reports in one line (exit code 2) rather than as a traceback.
+INPUT_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
 HELP = ("--help", "-help", "-h", "--helpshort", "--helpfull")
 
 
@@ -30,6 +38,20 @@ def fail(prog: str, message: str) -> None:
     message = " ".join(str(message).split())
     print(f"{prog}: bad flag: {message} (see --help)", file=sys.stderr)
     raise SystemExit(2)
+
+
+def error(prog: str, message: object) -> int:
+    """One line on stderr for a bad input (not a flag); returns exit code 2."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def run(prog: str, main: Callable[[], int | None]) -> int:
+    """`main()`, with the project's input errors reported as one line and exit code 2 (`INPUT_ERRORS`)."""
+    try:
+        return int(main() or 0)
+    except INPUT_ERRORS as e:
+        return error(prog, e)
 
 
 def help_text(fv: flags.FlagValues, doc: str | None) -> str:

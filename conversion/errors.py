@@ -1,0 +1,16 @@
+"""The project's input errors: what a user got wrong (a config value, a path, a file), as opposed to a bug.
+
+Programs print an `InputError` as one line on stderr and exit with code 2 (`flowsteer_jax.cli.run`); any other
+exception keeps its traceback. The message names the key, flag or file and what is allowed. Here, not in
+`flowsteer_jax`, so the torch- and JAX-free conversion code raises the same classes.
+"""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """Bad input, named in the message: a config key, a flag, a path or a file's contents."""
+
+
+class ConversionError(InputError):
+    """A checkpoint does not match what its config implies. The message names every offending key and file."""
