@@ -17,6 +17,10 @@ and noise in `WORKDIR/samples/`. Orbax writes the checkpoint from every process.
 loss or gradient changes nothing (the step keeps the old state); `train.max_bad_steps` of them in a row abort
 the run with the last good checkpoint kept.
 
+Every config value is checked first (`distill.config.validate`), before any device, file or model is touched.
+A bad value, path or prompt file is one line `flowsteer_jax.train: error: ...` on stderr and exit code 2 (a bad
+flag: `... bad flag: ...`, also 2); a run aborted for non-finite steps exits with 3.
+
 What is trained on comes from a world (`flowsteer_jax.worlds`, chosen by `config.world`): the SD3 folder and
 a prompt file, the embedded digits world, or a module of your own.
 """
@@ -42,10 +46,12 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from flowsteer_jax import parallel
+from conversion.errors import InputError
+from flowsteer_jax import cli, parallel
 from flowsteer_jax.checkpoint import Checkpointer
 from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
+from flowsteer_jax.distill.config import validate, validate_batch
 from flowsteer_jax.distill.ota import window_boundaries
 from flowsteer_jax.flow.sampling import model_velocity
 from flowsteer_jax.flow.sampling import sample as flow_sample
@@ -54,6 +60,7 @@ from flowsteer_jax.models.lora import set_lora_enabled
 from flowsteer_jax.worlds import World, make_world
 
 log = logging.getLogger("flowsteer_jax.train")
+PROG = "flowsteer_jax.train"
 
 
 class TrainingAborted(RuntimeError):
@@ -134,24 +141,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     from flowsteer_jax.models.loading import load_transformer
 
+    validate(config)  # every value, before any device, file or model is touched
     parallel.initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
+    mesh = parallel.mesh_from_config(config)
+    rules = parallel.rules_from_config(config)
+    n_batch = int(np.prod([mesh.shape[a] for a in np.atleast_1d(rules.get("batch") or ()) if a]))
+    batch_size, procs = int(config.train.batch_size), jax.process_count()
+    validate_batch(config, n_batch, procs)
     os.makedirs(workdir, exist_ok=True)
     world = make_world(config, workdir)
     with open(os.path.join(world.transformer_folder, "config.json")) as f:
         transformer_config = json.load(f)
     latent_shape = latent_shape_of(config, world, transformer_config)
-    mesh = parallel.mesh_from_config(config)
-    rules = parallel.rules_from_config(config)
-    n_batch = int(np.prod([mesh.shape[a] for a in np.atleast_1d(rules.get("batch") or ()) if a]))
-    batch_size, procs = int(config.train.batch_size), jax.process_count()
-    if batch_size % max(n_batch, 1) or batch_size % procs:
-        raise ValueError(
-            f"train.batch_size={batch_size} must divide by the mesh's batch devices ({n_batch}) and by the "
-            f"number of processes ({procs})"
-        )
     if config.distill.start_points == "interpolate" and world.x0 is None:
-        raise ValueError("distill.start_points='interpolate' (PeRFlow) needs data latents; this world has prompts only")
+        raise InputError("distill.start_points='interpolate' (PeRFlow) needs data latents; this world has prompts only")
 
     base = load_transformer(world.transformer_folder, mesh=mesh, rules=rules, **model_options(config))
     train_state, frozen, graphs = make_train_state(config, base, mesh=mesh)
@@ -332,6 +336,8 @@ def main(argv: Sequence[str]) -> None:
     except TrainingAborted as e:
         print(f"training aborted: {e}", file=sys.stderr)
         sys.exit(3)
+    except cli.INPUT_ERRORS as e:  # a bad config value, path or file: one line, no traceback
+        sys.exit(cli.error(PROG, e))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -345,7 +351,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             msg = f"unknown config key {typo.group(2)!r} (did you mean {typo.group(1)!r}?)"
         elif isinstance(e, AttributeError | KeyError):
             msg = f"unknown config key {msg!r}"
-        print(f"flowsteer_jax.train: bad flag: {msg}", file=sys.stderr)
+        print(f"{PROG}: bad flag: {msg}", file=sys.stderr)
         sys.exit(2)
 
 

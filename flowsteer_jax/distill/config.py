@@ -41,12 +41,20 @@ Shape (all keys always present; `configs/` files override values, never add keys
 - `optim.lora.*`, `optim.disc.*`: AdamW `lr`, `b1`, `b2`, `eps`, `weight_decay`, `clip_norm` (global norm,
   inside the branch; 0 disables), `schedule` ("constant" | "cosine"), `warmup_steps`, `total_steps`.
 - `mesh.shape`: (data, fsdp, tensor), one -1 fills; `mesh.rules`: logical axis -> mesh axes.
+
+`validate(config)` checks every value above (ranges, names, `cfg_min <= cfg_max`, ...) without touching a device
+or a file, and raises one `InputError` listing each bad key; the trainer calls it before anything loads.
+`validate_batch(config, batch_devices, processes)` adds what needs the mesh: `train.batch_size` must divide.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import ml_collections
 
+from conversion.errors import InputError
 from flowsteer_jax.models.lora import DEFAULT_TARGETS
 from flowsteer_jax.parallel import DEFAULT_RULES
 
@@ -112,3 +120,139 @@ def default_config() -> ml_collections.ConfigDict:
 
 def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
     return config.loss.lambda_adv != 0 or config.loss.lambda_fm != 0
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # what `model.dtype`, `lora.dtype` and `disc.param_dtype` may name
+OPTIM_SCHEDULES = ("constant", "cosine")
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Every bad value of `config` as `key=value <what is allowed>` (empty: all good)."""
+    from flowsteer_jax.distill.ota import START_POINTS
+    from flowsteer_jax.distill.step import STUDENT_STATES
+    from flowsteer_jax.flow.schedules import KINDS
+    from flowsteer_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+    from flowsteer_jax.models.discriminator import HEADS
+    from flowsteer_jax.models.mmdit import REMAT_POLICIES
+    from flowsteer_jax.models.presets import TRANSFORMERS
+
+    out: list[str] = []
+
+    def get(key: str):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    def number(key: str, low: float | None = None, *, above: bool = False, integer: bool = False) -> None:
+        v = get(key)
+        kind = "an integer" if integer else "a number"
+        if not _number(v) or (integer and not isinstance(v, int)):
+            out.append(f"{key}={v!r} is not {kind}")
+        elif low is not None and (v <= low if above else v < low):
+            out.append(f"{key}={v!r} must be {'>' if above else '>='} {low:g}")
+
+    def one_of(key: str, allowed: Sequence[str]) -> None:
+        v = get(key)
+        if v not in allowed:
+            out.append(f"{key}={v!r} not in {tuple(allowed)!r}")
+
+    number("seed", 0, integer=True)
+    if not isinstance(config.world, str) or not config.world:
+        out.append(f"world={config.world!r} must name a world ('sd3', 'digits' or a module path)")
+    one_of("model.preset", ("", *TRANSFORMERS))
+    one_of("model.dtype", DTYPES)
+    one_of("model.attention", tuple("" if a is None else a for a in ATTENTION_IMPLEMENTATIONS))
+    one_of("model.remat_policy", ("", *REMAT_POLICIES))
+    shape = tuple(config.model.latent_shape)
+    if shape and (len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        out.append(f"model.latent_shape={shape!r} must be () or (H, W, C) of positive integers")
+    number("train.num_steps", 1, integer=True)
+    number("train.batch_size", 1, integer=True)
+    number("train.max_bad_steps", 0, integer=True)
+    number("train.log_every", 0, integer=True)
+    number("checkpoint.every_steps", 0, integer=True)
+    number("checkpoint.keep", 1, integer=True)
+    number("data.max_sequence_length", 1, integer=True)
+    number("eval.every_steps", 0, integer=True)
+    number("eval.seed", 0, integer=True)
+    if isinstance(config.eval.prompts, str) or not all(isinstance(p, str) for p in config.eval.prompts):
+        out.append(f"eval.prompts={config.eval.prompts!r} must be a sequence of strings")
+    number("distributed.num_processes", 1, integer=True)
+    number("distributed.process_id", 0, integer=True)
+    d = config.distributed
+    if _number(d.num_processes) and _number(d.process_id) and d.process_id >= d.num_processes:
+        out.append(f"distributed.process_id={d.process_id} must be < distributed.num_processes={d.num_processes}")
+    number("lora.rank", 1, integer=True)
+    number("lora.alpha", 0, above=True)
+    if not tuple(config.lora.targets):
+        out.append("lora.targets=() must name at least one layer")
+    one_of("lora.dtype", DTYPES)
+
+    number("distill.num_segments", 1, integer=True)
+    number("distill.teacher_steps", 1, integer=True)
+    k, steps = config.distill.num_segments, config.distill.teacher_steps
+    if _number(k) and _number(steps) and k >= 1 and steps < k:
+        out.append(f"distill.teacher_steps={steps} must be >= distill.num_segments={k} (one step per window at least)")
+    one_of("distill.schedule", KINDS)
+    number("distill.shift", 0, above=True)
+    number("distill.cfg_min", 0)
+    number("distill.cfg_max", 0)
+    lo, hi = config.distill.cfg_min, config.distill.cfg_max
+    if _number(lo) and _number(hi) and lo > hi:
+        out.append(f"distill.cfg_min={lo:g} > distill.cfg_max={hi:g} (the guidance is drawn from U[cfg_min, cfg_max])")
+    one_of("distill.start_points", START_POINTS)
+    number("loss.lambda_adv", 0)
+    number("loss.lambda_fm", 0)
+    one_of("adv.student_states", STUDENT_STATES)
+    number("disc.num_blocks", 1, integer=True)
+    one_of("disc.head", HEADS)
+    one_of("disc.param_dtype", DTYPES)
+    if uses_discriminator(config) and _number(config.train.batch_size) and config.train.batch_size == 1:
+        out.append(
+            "train.batch_size=1 with the discriminator on (loss.lambda_adv or loss.lambda_fm nonzero): its hinge loss "
+            "needs a batch of >= 2 (or set both to 0)"
+        )
+    for branch in ("lora", "disc"):
+        p = f"optim.{branch}"
+        number(f"{p}.lr", 0, above=True)
+        for beta in ("b1", "b2"):
+            number(f"{p}.{beta}", 0)
+            v = get(f"{p}.{beta}")
+            if _number(v) and v >= 1:
+                out.append(f"{p}.{beta}={v!r} must be < 1")
+        number(f"{p}.eps", 0)
+        number(f"{p}.weight_decay", 0)
+        number(f"{p}.clip_norm", 0)
+        one_of(f"{p}.schedule", OPTIM_SCHEDULES)
+        number(f"{p}.warmup_steps", 0, integer=True)
+        number(f"{p}.total_steps", 1, integer=True)
+
+    mesh = tuple(config.mesh.shape)
+    if len(mesh) != 3 or not all(isinstance(v, int) and (v >= 1 or v == -1) for v in mesh) or mesh.count(-1) > 1:
+        out.append(f"mesh.shape={mesh!r} must be (data, fsdp, tensor): integers >= 1, at most one -1")
+    return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every config value before anything loads (no device, no file): one `InputError` naming each bad key.
+
+    The trainer calls it first thing; benchmarks and tools that take a config can too.
+    """
+    problems = _problems(config)
+    if problems:
+        raise InputError("bad config: " + "; ".join(problems))
+
+
+def validate_batch(config: ml_collections.ConfigDict, batch_devices: int, processes: int) -> None:
+    """What needs the mesh: `train.batch_size` divides by the mesh's batch devices and by the number of processes."""
+    batch_size = int(config.train.batch_size)
+    if batch_size % max(batch_devices, 1) or batch_size % processes:
+        raise InputError(
+            f"train.batch_size={batch_size} must divide by the mesh's batch devices ({batch_devices}) and by the "
+            f"number of processes ({processes})"
+        )
