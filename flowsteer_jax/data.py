@@ -2,11 +2,14 @@
 
 Prompt files (`load_prompts`), chosen by extension (case-insensitive):
 
-- `.txt`: one prompt per line, UTF-8; trailing whitespace (and the newline) is stripped, blank lines skipped.
+- `.txt`: one prompt per line, UTF-8; trailing whitespace (and the newline) is stripped, blank lines and comment
+  lines (first non-blank character `#`) skipped.
 - `.jsonl`: one JSON object per non-blank line with a string field `"prompt"` (other fields are ignored).
 - `.parquet`: a `prompt` column of strings (read with pyarrow); no nulls.
 
-Every problem raises `DataError` naming the file and, where it applies, the line (1-based) or row (0-based).
+Every problem raises `DataError` (an `InputError`: programs print it as one line, exit code 2) naming the file and,
+where it applies, the line (1-based) or row (0-based); a file with no prompts is one too. Every program reads
+prompt files with `load_prompts` (the trainer's `data.prompts`, `sample --prompts`).
 
 Order (`PromptLoader`): the global stream of item indices is the concatenation of epochs, epoch `e` being
 `np.random.default_rng([seed, e]).permutation(num_items)` (`arange` without shuffling). Global batch `i` is
@@ -37,13 +40,15 @@ from typing import Any
 
 import numpy as np
 
+from conversion.errors import InputError
+
 log = logging.getLogger(__name__)
 
 PROMPT_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 META = "meta.json"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A prompt file, loader setting or embedding cache that cannot be used; the message says where."""
 
 
@@ -127,13 +132,13 @@ def load_prompts(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: not a regular file")
     if ext == ".txt":
-        prompts = [text for _, text in _lines(path)]
+        prompts = [text for _, text in _lines(path) if not text.lstrip().startswith("#")]
     elif ext == ".jsonl":
         prompts = _load_jsonl(path)
     else:
         prompts = _load_parquet(path)
     if not prompts:
-        raise DataError(f"{path}: the file holds no prompts")
+        raise DataError(f"{path}: no prompts in the file (blank and # comment lines are skipped)")
     return prompts
 
 

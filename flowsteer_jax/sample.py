@@ -1,13 +1,18 @@
 r"""Sample images from a diffusers SD3 folder with `SD3Pipeline` (teacher or distilled student).
 
-    python -m flowsteer_jax.sample --model=FOLDER --prompts=FILE_OR_TEXT --steps=4 --schedule=rectified \
+    python -m flowsteer_jax.sample --model=FOLDER --prompts=FILE|--prompt=TEXT --steps=4 --schedule=rectified \
         --guidance=0 --out=DIR [--batch=4] [--seed=0] [--height=H --width=W] [--dtype=float32|bfloat16] \
         [--lora=PATH [--lora_scale=1.0]]
 
-`--prompts` is a text file (one prompt a line; blank lines and lines starting with `#` skipped) or, if no such
-file exists, the prompt itself. Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress
-bar over batches. `--lora` applies a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest
-checkpoint), an exported folder (`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
+`--prompts` is a prompt file, read as the trainer reads `data.prompts` (`flowsteer_jax.data.load_prompts`: .txt
+with one prompt a line, blank lines and `#` comment lines skipped; .jsonl; .parquet); `--prompt=TEXT` is one
+literal prompt. A `--prompts` value that names no file and does not look like a path (no `/`, no prompt-file
+extension) is taken as the prompt itself. A missing prompt file or model folder, a file with no prompts, a bad
+`--lora`: one line `flowsteer_jax.sample: error: ...` on stderr, exit code 2.
+
+Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress bar over batches. `--lora` applies
+a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an exported folder
+(`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
 Image `i` uses noise from (`seed + i // batch`, `i % batch`), so reruns are reproducible. On a CPU-only machine
 the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag already set there wins).
 Without SD3 weights, try it on a tiny random pipeline: `python -m flowsteer_jax.tools.tiny_model --out=DIR`.
@@ -26,21 +31,29 @@ from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
+from conversion.errors import ConversionError, InputError
 from flowsteer_jax import cli
+from flowsteer_jax.data import PROMPT_EXTENSIONS, load_prompts
 from flowsteer_jax.images import save_grid
+from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
 from flowsteer_jax.xla_cpu import use_inference_flags
 
+PROG = "flowsteer_jax.sample"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def looks_like_path(arg: str) -> bool:
+    """A path separator in it, or a prompt-file extension: meant as a file, never as a prompt."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in arg for sep in seps) or os.path.splitext(arg)[1].lower() in PROMPT_EXTENSIONS
+
+
 def read_prompts(arg: str) -> list[str]:
-    if os.path.isfile(arg):
-        with open(arg) as f:
-            prompts = [line.strip() for line in f]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise ValueError(f"{arg}: no prompts in the file")
-        return prompts
+    """`--prompts`: the prompts of the file `arg` (`load_prompts`), or `arg` itself where it is no file and no path."""
+    if os.path.exists(arg) or looks_like_path(arg):
+        if not os.path.exists(arg):
+            raise InputError(f"--prompts={arg}: no such prompt file (for a literal prompt use --prompt=TEXT)")
+        return load_prompts(arg)
     return [arg]
 
 
@@ -48,9 +61,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string(
         "model", None, "diffusers SD3 pipeline folder (model_index.json inside)", required=True, flag_values=fv
     )
-    flags.DEFINE_string(
-        "prompts", None, "a text file with one prompt per line, or a prompt", required=True, flag_values=fv
-    )
+    flags.DEFINE_string("prompts", None, "a prompt file (.txt, .jsonl, .parquet), or a prompt", flag_values=fv)
+    flags.DEFINE_string("prompt", None, "one literal prompt (instead of --prompts)", flag_values=fv)
     flags.DEFINE_string("out", None, "output folder for the PNGs and grid.png", required=True, flag_values=fv)
     flags.DEFINE_integer("steps", 4, "number of inference steps (model calls)", flag_values=fv)
     flags.DEFINE_enum("schedule", "rectified", ["rectified", "diffusers"], "sigma schedule", flag_values=fv)
@@ -68,32 +80,35 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def parse_args(argv: list[str] | None = None):
-    return cli.parse(define_flags, argv, prog="flowsteer_jax.sample", doc=__doc__)
+    return cli.parse(define_flags, argv, prog=PROG, doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (args.prompts is None) == (args.prompt is None):
+        cli.fail(PROG, "give one of --prompts=FILE and --prompt=TEXT")
+    return cli.run(PROG, lambda: _main(args))
+
+
+def _main(args) -> int:
     if args.lora is not None and not os.path.exists(args.lora):
-        print(f"--lora={args.lora}: no such file or folder", file=sys.stderr)
-        return 2
+        raise InputError(f"--lora={args.lora}: no such file or folder")
     if args.steps < 1 or args.batch < 1:
-        print("--steps and --batch must be >= 1", file=sys.stderr)
-        return 2
+        raise InputError(f"--steps={args.steps} and --batch={args.batch} must be >= 1")
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
+    check_pipeline(args.model, [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
     from flowsteer_jax.pipeline import SD3Pipeline
 
-    prompts = read_prompts(args.prompts)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     pipe = SD3Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], t5=not args.no_t5)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     if args.lora is not None:
-        from conversion.safetensors_io import ConversionError
-
         try:
             adapted = pipe.load_lora(args.lora, scale=args.lora_scale)
         except (ConversionError, FileNotFoundError) as e:
-            print(f"--lora={args.lora}: {e}", file=sys.stderr)
-            return 2
+            raise InputError(f"--lora={args.lora}: {e}") from e
         print(f"applied LoRA {args.lora} to {len(adapted)} layers (scale {args.lora_scale:g})", file=sys.stderr)
     images: list[Image.Image] = []
     batches = range(0, len(prompts), args.batch)

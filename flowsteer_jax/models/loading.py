@@ -27,6 +27,7 @@ from conversion import lora as lora_conv
 from conversion import sd3_transformer, training_checkpoint
 from conversion import t5 as t5_conv
 from conversion import vae as vae_conv
+from conversion.errors import InputError
 from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint
 from conversion.table import Entry, check_checkpoint, to_torch_state
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -196,21 +197,89 @@ class TextEncoders(NamedTuple):
     t5: T5Encoder | None
 
 
-def pipeline_component(folder: str, name: str) -> str | None:
-    """`folder/name`, or None where the pipeline was saved without it (`model_index.json` says `[null, null]`)."""
+def _model_index(folder: str) -> dict | None:
     index_path = os.path.join(folder, "model_index.json")
-    index = None
-    if os.path.isfile(index_path):
+    if not os.path.isfile(index_path):
+        return None
+    try:
         with open(index_path) as f:
             index = json.load(f)
-        entry = index.get(name)
-        if entry is None or (isinstance(entry, list) and entry[-1] is None):
-            return None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{index_path}: not a readable JSON file ({e})") from e
+    if not isinstance(index, dict):
+        raise InputError(f"{index_path}: not a JSON object")
+    return index
+
+
+def _saved_without(index: dict | None, name: str) -> bool:
+    """`model_index.json` says the pipeline was saved without `name` (`[null, null]`, or no entry)."""
+    if index is None:
+        return False
+    entry = index.get(name)
+    return entry is None or (isinstance(entry, list) and entry[-1] is None)
+
+
+def pipeline_component(folder: str, name: str) -> str | None:
+    """`folder/name`, or None where the pipeline was saved without it (`model_index.json` says `[null, null]`)."""
+    index = _model_index(folder)
+    if _saved_without(index, name):
+        return None
     path = os.path.join(folder, name)
     if not os.path.isdir(path):
+        index_path = os.path.join(folder, "model_index.json")
         where = f"{index_path} lists it" if index is not None else "no model_index.json to say it is absent"
         raise ConversionError(f"{folder}: no {name}/ folder ({where})")
     return path
+
+
+# What each component folder of an SD3 pipeline must hold (weights: `*.safetensors`, single or sharded).
+_WEIGHTS = ("config.json", "*.safetensors")
+SD3_COMPONENTS = {
+    "transformer": _WEIGHTS,
+    "vae": _WEIGHTS,
+    "text_encoder": _WEIGHTS,
+    "text_encoder_2": _WEIGHTS,
+    "text_encoder_3": _WEIGHTS,
+    "tokenizer": (),
+    "tokenizer_2": (),
+    "tokenizer_3": (),
+}
+OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3")  # T5: a pipeline may be saved without it
+
+
+def check_pipeline(folder: str, names: Iterable[str] = tuple(SD3_COMPONENTS), *, what: str = "model.path") -> None:
+    """Check, before loading any, that the diffusers SD3 folder has each component `names` lists and what it needs.
+
+    One `InputError` naming `what` (the config key or flag that gave `folder`) and everything missing. The T5
+    components (`OPTIONAL_COMPONENTS`) may be absent where `model_index.json` says so (`[null, null]`).
+    """
+    if not folder:
+        raise InputError(f"{what} is empty: set it to a diffusers SD3 pipeline folder")
+    if not os.path.isdir(folder):
+        raise InputError(f"{what}={folder!r}: no such folder (expected a diffusers SD3 pipeline)")
+    index = _model_index(folder)
+    missing = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if name in OPTIONAL_COMPONENTS and _saved_without(index, name):
+            continue
+        if name in OPTIONAL_COMPONENTS and index is None and not os.path.exists(path):
+            continue  # no model_index.json to say so: T5 is optional, as the loaders treat it
+        if not os.path.isdir(path):
+            missing.append(f"{name}/")
+            continue
+        files = os.listdir(path)
+        need = [
+            pattern
+            for pattern in SD3_COMPONENTS.get(name, ())
+            if not any(f == pattern or (pattern.startswith("*") and f.endswith(pattern[1:])) for f in files)
+        ]
+        if not files:
+            missing.append(f"{name}/ (empty)")
+        elif need:
+            missing.append(f"{name}/{' and '.join(need)}")
+    if missing:
+        raise InputError(f"{what}={folder!r} is not a complete diffusers SD3 pipeline: missing {', '.join(missing)}")
 
 
 def load_text_encoders(

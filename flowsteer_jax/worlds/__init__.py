@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from conversion.errors import InputError
 from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS
 
 Embeds = dict[str, np.ndarray]  # {"prompt_embeds": (B, S, J), "pooled": (B, P)}
@@ -47,13 +48,13 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
     name = str(config.world)
     module_name = WORLDS.get(name, name if "." in name else None)
     if module_name is None:
-        raise ValueError(f"config.world {name!r} is neither one of {sorted(WORLDS)} nor a module path (a.b.c)")
+        raise InputError(f"world={name!r} is neither one of {sorted(WORLDS)} nor a module path (a.b.c)")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise ValueError(f"config.world {name!r}: cannot import {module_name!r} ({e})") from e
+        raise InputError(f"world={name!r}: cannot import {module_name!r} ({e})") from e
     if not callable(getattr(module, "make_world", None)):
-        raise ValueError(f"config.world {name!r}: module {module_name!r} has no make_world(config, workdir)")
+        raise InputError(f"world={name!r}: module {module_name!r} has no make_world(config, workdir)")
     return module.make_world(config, workdir)
 
 

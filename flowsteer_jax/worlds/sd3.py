@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from conversion.errors import InputError
 from flowsteer_jax.data import load_prompts
 from flowsteer_jax.flow.schedules import scheduler_settings
 from flowsteer_jax.worlds import Embeds, World, fingerprint
@@ -20,19 +21,19 @@ log = logging.getLogger("flowsteer_jax.worlds.sd3")
 
 
 def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
-    from flowsteer_jax.models.loading import load_vae
+    from flowsteer_jax.models.loading import check_pipeline, load_vae
     from flowsteer_jax.text import SD3PromptEncoder
 
     path = config.model.path
     if not path:
-        raise ValueError(
-            "set --config.model.path to a diffusers SD3 folder (or make a tiny one: "
+        raise InputError(
+            "model.path is empty: set --config.model.path to a diffusers SD3 folder (or make a tiny one: "
             "python -m flowsteer_jax.tools.tiny_model --out=DIR)"
         )
-    if not os.path.isdir(os.path.join(path, "transformer")):
-        raise FileNotFoundError(f"model.path {path!r} has no transformer/ folder: not a diffusers SD3 pipeline")
+    # Every component the run loads (the VAE only for the sample grids, after training), before loading any.
+    check_pipeline(path, what="model.path")
     if not config.data.prompts:
-        raise ValueError("set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
+        raise InputError("data.prompts is empty: set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
     prompts = load_prompts(config.data.prompts)
     dtype = jnp.dtype(config.model.dtype)
     encoder = SD3PromptEncoder.from_pretrained(path, dtype)
