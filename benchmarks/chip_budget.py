@@ -237,10 +237,11 @@ def budget(config, chip_name: str, devices: int, parts, layers: int = 0, transfo
     """The report for `config` on `devices` x `chip_name`; `transformer` (an MMDiTConfig) replaces the preset."""
     import dataclasses
 
+    from conversion.errors import InputError
     from flowsteer_jax.models.presets import TRANSFORMERS
 
     if transformer is None and config.model.preset not in TRANSFORMERS:
-        raise ValueError(f"model.preset={config.model.preset!r}: set one of {sorted(TRANSFORMERS)}")
+        raise InputError(f"model.preset={config.model.preset!r}: set one of {sorted(TRANSFORMERS)}")
     cfg = transformer or TRANSFORMERS[config.model.preset]
     if layers:
         cfg = dataclasses.replace(cfg, num_layers=layers)
@@ -316,7 +317,14 @@ def main(argv) -> None:
     unknown = set(f.parts) - set(PARTS)
     if unknown:
         raise app.UsageError(f"--parts: unknown {sorted(unknown)}; of {PARTS}")
-    result = budget(f.config, f.chip, f.devices, f.parts, f.layers)
+    from flowsteer_jax import cli
+    from flowsteer_jax.distill.config import validate
+
+    try:
+        validate(f.config)
+        result = budget(f.config, f.chip, f.devices, f.parts, f.layers)
+    except cli.INPUT_ERRORS as e:  # a bad config value: one line, exit code 2 (as the trainer)
+        sys.exit(cli.error("benchmarks.chip_budget", e))
     print(table(result))
     print(json.dumps(result, default=float))
     sys.stdout.flush()

@@ -13,6 +13,7 @@ torch's OpenMP threads can collapse next to XLA's thread pool: compare with `--t
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 
@@ -133,4 +134,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run("benchmarks.sampling", main))

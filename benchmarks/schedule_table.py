@@ -12,6 +12,7 @@ write it): the numbers then only show the mechanics; the digits world (a trained
 
 from __future__ import annotations
 
+import sys
 import tempfile
 
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from flowsteer_jax import cli
+from flowsteer_jax.models.loading import check_pipeline
 from flowsteer_jax.pipeline import SD3Pipeline
 
 PROMPTS = ["a photo of a red cat", "the blue cube on a sphere", "a dog in the red digit", "an blue sphere of cats"]
@@ -86,10 +88,11 @@ def main(argv: list[str] | None = None) -> None:
             pipe = SD3Pipeline.from_pretrained(folder, dtype=jnp.float32)
         print("model: tiny random pipeline (flowsteer_jax/tools/tiny_pipeline.py)")
     else:
+        check_pipeline(args.model, what="--model")
         pipe = SD3Pipeline.from_pretrained(args.model, dtype=jnp.float32)
         print(f"model: {args.model}")
     print(table(pipe, prompts, steps, args.guidance, args.seed, args.max_sequence_length))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run("benchmarks.schedule_table", main))

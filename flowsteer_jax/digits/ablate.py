@@ -28,7 +28,10 @@ import time
 import numpy as np
 from absl import flags
 
+from conversion.errors import InputError
 from flowsteer_jax import cli
+
+PROG = "flowsteer_jax.digits.ablate"
 
 ROWS = (
     (
@@ -67,7 +70,7 @@ def _set(config, dotted: str, value) -> None:
     for p in parents:
         node = node[p]
     if leaf not in node:  # ConfigDicts accept new keys; a typo must not silently add one
-        raise KeyError(f"no config key {dotted!r}")
+        raise InputError(f"no config key {dotted!r}")
     node[leaf] = value
 
 
@@ -188,17 +191,22 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.parse(define_flags, argv, prog="flowsteer_jax.digits.ablate", doc=__doc__)
+    args = cli.parse(define_flags, argv, prog=PROG, doc=__doc__)
+    return cli.run(PROG, lambda: _main(args))
+
+
+def _main(args) -> int:
     import importlib.util
     import logging
     import platform
 
     import jax
 
+    from flowsteer_jax.distill.config import validate
+
     logging.getLogger("flowsteer_jax").setLevel(logging.INFO)
     if not os.path.isfile(args.config):
-        print(f"no such config file: {args.config}", file=sys.stderr)
-        return 2
+        raise InputError(f"--config={args.config}: no such config file")
     # One compilation per row: the seeds of a row share it through the persistent cache.
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -214,14 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             pass  # a plain string
         try:
             _set(config, key, value)
-        except (KeyError, AttributeError, TypeError) as e:
-            print(f"--set {item}: {e}", file=sys.stderr)
-            return 2
+        except (KeyError, AttributeError, TypeError, InputError) as e:
+            raise InputError(f"--set {item}: {e}") from e
+    validate(config)  # before any row trains
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - {r[0] for r in ROWS})
     if unknown:
-        print(f"--rows: unknown {unknown}; choose from {[r[0] for r in ROWS]}", file=sys.stderr)
-        return 2
+        raise InputError(f"--rows: unknown {unknown}; choose from {[r[0] for r in ROWS]}")
     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
     tables = {t.strip() for t in args.tables.split(",")}
     t0 = time.perf_counter()
