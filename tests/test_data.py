@@ -21,6 +21,15 @@ def test_txt(tmp_path):
     assert load_prompts(str(path)) == ["a cat", "  indented dog", "üñí\tcode", " last"]
 
 
+def test_txt_skips_comment_lines(tmp_path):
+    """The rule of every program (the trainer's `data.prompts`, `sample --prompts`): `#` lines are comments."""
+    path = tmp_path / "p.txt"
+    path.write_text("# header\na cat\n  # indented comment\na #hashtag dog\n")
+    assert load_prompts(str(path)) == ["a cat", "a #hashtag dog"]
+    path.write_text("# only\n\n# comments\n")
+    _raises(path, "no prompts")
+
+
 def test_txt_bom_is_not_part_of_the_first_prompt(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"\xef\xbb\xbfhello\nworld\n")
