@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from conversion.errors import ConversionError, InputError
 from flowsteer_jax import cli
-from flowsteer_jax.data import PROMPT_EXTENSIONS, load_prompts
+from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
 from flowsteer_jax.images import save_grid
 from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
 from flowsteer_jax.xla_cpu import use_inference_flags
@@ -53,7 +53,10 @@ def read_prompts(arg: str) -> list[str]:
     if os.path.exists(arg) or looks_like_path(arg):
         if not os.path.exists(arg):
             raise InputError(f"--prompts={arg}: no such prompt file (for a literal prompt use --prompt=TEXT)")
-        return load_prompts(arg)
+        try:
+            return load_prompts(arg)
+        except DataError as e:
+            raise DataError(f"--prompts: {e}") from e
     return [arg]
 
 

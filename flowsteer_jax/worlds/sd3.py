@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from conversion.errors import InputError
-from flowsteer_jax.data import load_prompts
+from flowsteer_jax.data import DataError, load_prompts
 from flowsteer_jax.flow.schedules import scheduler_settings
 from flowsteer_jax.worlds import Embeds, World, fingerprint
 
@@ -34,7 +34,10 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
     check_pipeline(path, what="model.path")
     if not config.data.prompts:
         raise InputError("data.prompts is empty: set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
-    prompts = load_prompts(config.data.prompts)
+    try:
+        prompts = load_prompts(config.data.prompts)
+    except DataError as e:
+        raise DataError(f"data.prompts: {e}") from e
     dtype = jnp.dtype(config.model.dtype)
     encoder = SD3PromptEncoder.from_pretrained(path, dtype)
     max_len = int(config.data.max_sequence_length)
