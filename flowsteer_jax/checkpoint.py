@@ -7,14 +7,23 @@ saved from and restored into its shardings, so every host writes and reads its o
 
 The base weights are never saved: they are the model folder's. Orbax commits a step by renaming its temporary
 folder when all its items are written, and lists only committed steps, so a half-written checkpoint (a kill -9
-mid-save) is never picked up. Resuming compares the saved `meta` with the run's and refuses a different base
-model or different state shapes, naming what changed.
+mid-save) is never picked up.
+
+Resuming compares the saved `meta` with the run's (`resume_report`) and refuses, in one `CheckpointError` listing
+every difference, another base model (its `config.json`, or other weights: `base_fingerprint`, the
+`conversion.safetensors_io.weights_fingerprint` of the transformer folder; the same weights at another path
+are the same base, a moved folder), other state shapes, or other run-defining settings (`RUN_KEYS`, saved
+as the meta's `run`). `checkpoint.allow_changes` names settings whose change is meant (logged, one warning
+each). A checkpoint saved before these checks (no `base_fingerprint` / `run` in its meta) resumes with one
+warning. A step that cannot be read is refused with the steps on disk; `checkpoint.resume_step` resumes an older
+one, and the newer steps are then moved to `WORKDIR/checkpoints_set_aside/`, never deleted (`set_aside`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -36,6 +45,52 @@ STRUCTURAL_KEYS = (
     ("disc", "head"),
     ("disc", "param_dtype"),
 )
+
+
+# The settings that define a run (dotted config keys; a section means all its keys): a resume must agree on each,
+# unless `checkpoint.allow_changes` names it. Not here, so free to change on resume: `train.num_steps` (extending a
+# run is normal) and the rest of `train`, `checkpoint.*`, `eval.*`, `mesh.*`, `distributed.*`, `model.path` (the
+# base is checked by its weights: `base_fingerprint`), `model.attention`/`remat_policy`/`preset` and
+# `data.cache_embeddings` (how, not what, is computed).
+RUN_KEYS = (
+    "seed",
+    "world",
+    "model.dtype",
+    "train.batch_size",
+    "data.prompts",
+    "data.shuffle",
+    "data.negative_prompt",
+    "data.max_sequence_length",
+    "lora",
+    "disc",
+    "distill",
+    "loss",
+    "adv",
+    "optim",
+    "digits",  # the digits world's own section (its teacher, data pool, text seeds)
+)
+SET_ASIDE = "checkpoints_set_aside"  # WORKDIR/<this>/<step>: newer steps moved away by a resume from an older one
+_ABSENT = object()
+
+
+def run_settings(config: dict) -> dict[str, Any]:
+    """`{dotted key: value}` of the run-defining settings (`RUN_KEYS`) in a config dict (lists for tuples)."""
+    out: dict[str, Any] = {}
+
+    def visit(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{key}.{k}", v)
+        else:
+            out[key] = list(value) if isinstance(value, tuple | list) else value
+
+    for key in RUN_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value.get(part, _ABSENT) if isinstance(value, dict) else _ABSENT
+        if value is not _ABSENT:
+            visit(key, value)
+    return out
 
 
 def leaf_shapes(tree: Any) -> dict[str, list[int]]:
@@ -72,24 +127,97 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
-    def restore(self, abstract_state: Any, expect: dict, step: int | None = None) -> tuple[Any, dict]:
+    def _unreadable(self, step: int, what: str, error: Exception) -> CheckpointError:
+        """The refusal of a step that cannot be read: names it, says what failed and how to go on."""
+        steps = self.manager.all_steps()
+        older = [s for s in steps if s < step]
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        hint = (
+            f"resume from an older step with --config.checkpoint.resume_step=N (steps on disk: {sorted(steps)}; "
+            f"e.g. {max(older)}: the newer steps are then moved to {self.set_aside_dir}/, never deleted)"
+            if older
+            else f"no older step to resume from (steps on disk: {sorted(steps)}): move {self.directory} aside to "
+            "start afresh"
+        )
+        return CheckpointError(
+            f"cannot read checkpoint step {step} in {self.directory}: its {what} failed to load "
+            f"({reason[:300]}); nothing was deleted; {hint}"
+        )
+
+    @property
+    def set_aside_dir(self) -> str:
+        return os.path.join(os.path.dirname(self.directory), SET_ASIDE)
+
+    def restore(
+        self, abstract_state: Any, expect: dict, step: int | None = None, allow: tuple[str, ...] = ()
+    ) -> tuple[Any, dict]:
         """`(train_state, meta)` of `step` (default: latest), placed as `abstract_state`'s shardings say.
 
-        `expect` is the meta this run would write; a different base model, latent shape, structural config
-        key or state shape is refused with one error listing every difference.
+        `expect` is the meta this run would write; a different base model (config or weights), latent shape,
+        structural config key, state shape or run-defining setting not in `allow` is refused with one error
+        listing every difference. A step that cannot be read is refused naming it (never deleted). Restoring
+        a step older than the newest moves the newer ones to `set_aside_dir` (`set_aside`), so that saving
+        from here on can neither skip nor overwrite them.
         """
-        step = self.latest_step() if step is None else step
+        steps = self.manager.all_steps()
         if step is None:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        meta = self.read_meta(step)
-        problems = compatibility_problems(meta, {**expect, "shapes": leaf_shapes(abstract_state)})
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no checkpoint in {self.directory}")
+        elif step not in steps:
+            raise CheckpointError(
+                f"checkpoint.resume_step={step}: no such step in {self.directory} (steps on disk: {sorted(steps)})"
+            )
+        try:
+            meta = self.read_meta(step)
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax/JSON/OS errors of a truncated, garbage or missing file
+            raise self._unreadable(step, "meta", e) from None
+        problems, notes = resume_report(meta, {**expect, "shapes": leaf_shapes(abstract_state)}, allow)
         if problems:
             raise CheckpointError(
-                f"the checkpoint at {self.directory}/{step} was made by a different run; start a new --workdir "
-                "or restore the old settings:\n  " + "\n  ".join(problems)
+                f"the checkpoint at {self.directory}/{step} was made by a different run; start a new --workdir, "
+                "restore the old settings, or allow a setting's change on purpose with "
+                "--config.checkpoint.allow_changes='(\"key\",)'. Differences (checkpoint -> this run): "
+                + "; ".join(problems)
             )
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
-        return self.manager.restore(step, args=args)[STATE], meta
+        hook = sys.excepthook
+        sys.excepthook = _quiet_closed_loop_errors(hook)
+        try:
+            state = self.manager.restore(step, args=args)[STATE]
+        except Exception as e:  # keeps the hook: the reads still under way report after this
+            raise self._unreadable(step, "train state", e) from None
+        sys.excepthook = hook
+        for note in notes:
+            if jax.process_index() == 0:
+                log.warning("resuming step %d: %s", step, note)
+        newer = [s for s in steps if s > step]
+        if newer:
+            self.set_aside(newer)
+        return state, meta
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Move `steps`' folders to `set_aside_dir` (process 0; the others wait), then re-list the steps."""
+        if jax.process_index() == 0:
+            os.makedirs(self.set_aside_dir, exist_ok=True)
+            for step in sorted(steps):
+                target = os.path.join(self.set_aside_dir, str(step))
+                if os.path.exists(target):
+                    target += f".{int(time.time())}"
+                os.rename(os.path.join(self.directory, str(step)), target)
+                log.warning(
+                    "checkpoint step %d, newer than the one resumed, moved to %s (nothing deleted); drop "
+                    "checkpoint.resume_step from later reruns, or they will set aside the steps saved from now on",
+                    step,
+                    target,
+                )
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("flowsteer_jax.checkpoint.set_aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -97,6 +225,17 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _quiet_closed_loop_errors(previous):
+    """`sys.excepthook` without the "RuntimeError: Event loop is closed" tracebacks that a failed orbax restore's
+    still running concurrent reads print (each calls back into orbax's closed event loop)."""
+
+    def hook(kind, value, tb):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            previous(kind, value, tb)
+
+    return hook
 
 
 def _get(config: dict, path: tuple[str, ...]) -> Any:
@@ -107,26 +246,74 @@ def _get(config: dict, path: tuple[str, ...]) -> Any:
     return list(config) if isinstance(config, tuple | list) else config
 
 
-def compatibility_problems(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between a checkpoint's meta and the meta this run would write."""
-    problems = []
+def _allowed(key: str, allow: tuple[str, ...]) -> bool:
+    return any(key == a or key.startswith(a.rstrip(".") + ".") for a in allow)
+
+
+def resume_report(saved: dict, current: dict, allow: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """`(problems, notes)` of resuming the checkpoint whose meta is `saved` with the run whose meta is `current`.
+
+    Problems refuse the resume: another base (config.json; or weights, `base_fingerprint`, unless `allow` names
+    "base_fingerprint"), latent shape, structural key or state shape, and every run-defining setting (`run`,
+    `RUN_KEYS`) that changed and that `allow` does not name (a dotted key, or a prefix such as "optim").
+    Notes are logged as warnings: allowed changes, a moved base folder, an unchecked old checkpoint.
+    """
+    problems, notes = [], []
 
     def model(meta: dict) -> dict:  # config.json minus bookkeeping ("_diffusers_version", "_name_or_path")
         return {k: v for k, v in (meta.get("transformer_config") or {}).items() if not k.startswith("_")}
 
+    old_path, new_path = saved.get("model_path"), current.get("model_path")
     if model(saved) != model(current):
         problems.append(
-            f"base model: checkpoint used {saved.get('model_path')!r}, this run {current.get('model_path')!r} "
-            "(their transformer config.json differ)"
+            f"base model: checkpoint used {old_path!r}, this run {new_path!r} (their transformer config.json differ)"
+        )
+    elif "base_fingerprint" in saved:
+        old_fp, new_fp = saved.get("base_fingerprint"), current.get("base_fingerprint")
+        if old_fp != new_fp:
+            text = (
+                f"base weights: checkpoint used {old_path!r} (base_fingerprint {old_fp}), this run {new_path!r} "
+                f"(base_fingerprint {new_fp}): the same config.json with other weights"
+            )
+            if _allowed("base_fingerprint", allow):
+                notes.append(f"allowed change (checkpoint.allow_changes): {text}")
+            else:
+                problems.append(text)
+        elif old_path != new_path:
+            notes.append(f"base model moved: {old_path!r} -> {new_path!r} (same weights, base_fingerprint {new_fp})")
+    if "base_fingerprint" not in saved or "run" not in saved:
+        notes.append(
+            "the checkpoint predates resume checks (no base_fingerprint / run settings in its meta): its base "
+            "weights and run settings cannot be checked"
         )
     if list(saved.get("latent_shape") or []) != list(current.get("latent_shape") or []):
         problems.append(f"model.latent_shape: {saved.get('latent_shape')} -> {current.get('latent_shape')}")
+    structural = {".".join(path) for path in STRUCTURAL_KEYS}
     for path in STRUCTURAL_KEYS:
         old, new = _get(saved.get("config", {}), path), _get(current.get("config", {}), path)
         if old != new:
             problems.append(f"{'.'.join(path)}: {old!r} -> {new!r}")
+    if "run" in saved:
+        old_run, new_run = saved["run"], current.get("run", {})
+        for key in sorted(set(old_run) | set(new_run)):
+            old, new = old_run.get(key, _ABSENT), new_run.get(key, _ABSENT)
+            if old == new or key in structural:
+                continue
+            text = (
+                f"{key}: {'(absent)' if old is _ABSENT else repr(old)} -> {'(absent)' if new is _ABSENT else repr(new)}"
+            )
+            if _allowed(key, allow):
+                notes.append(f"allowed change (checkpoint.allow_changes): {text}")
+            else:
+                problems.append(text)
     old_shapes, new_shapes = saved.get("shapes", {}), current.get("shapes", {})
     if old_shapes != new_shapes:
         changed = sorted(k for k in set(old_shapes) | set(new_shapes) if old_shapes.get(k) != new_shapes.get(k))
         problems.append(f"train state shapes differ at {len(changed)} leaves, e.g. {changed[:3]}")
-    return problems
+    return problems, notes
+
+
+def compatibility_problems(saved: dict, current: dict, allow: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences between a checkpoint's meta and the meta this run would write that refuse a
+    resume (`resume_report`'s problems)."""
+    return resume_report(saved, current, allow)[0]

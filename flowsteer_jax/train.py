@@ -47,8 +47,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from conversion.errors import InputError
+from conversion.safetensors_io import weights_fingerprint
 from flowsteer_jax import cli, parallel
-from flowsteer_jax.checkpoint import Checkpointer
+from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
 from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.config import validate, validate_batch
@@ -173,13 +174,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "model_path": world.model_path,
         "transformer_config": transformer_config,
         "latent_shape": list(latent_shape),
+        "base_fingerprint": weights_fingerprint(world.transformer_folder),
+        "run": run_settings(config_json),
     }
+    resume_step = int(config.checkpoint.resume_step)
     if ckpt.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state)
-        train_state, meta = ckpt.restore(abstract, meta_base)
+        train_state, meta = ckpt.restore(
+            abstract,
+            meta_base,
+            step=None if resume_step < 0 else resume_step,
+            allow=tuple(config.checkpoint.allow_changes),
+        )
         position = int(meta["data"]["position"])
         if is_main:
             log.info("resumed from %s at step %d", ckpt.directory, int(meta["step"]))
+    elif resume_step >= 0:
+        raise CheckpointError(f"checkpoint.resume_step={resume_step}, but {ckpt.directory} holds no checkpoint")
     loader = PromptLoader(len(world.prompts), batch_size, position=position, **loader_kw)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -29,3 +29,107 @@ def test_compatibility_problems_name_each_change():
     problems = "\n".join(compatibility_problems(meta, other))
     for text in ("base model: checkpoint used '/a', this run '/b'", "latent_shape", "lora.targets", "shapes differ"):
         assert text in problems
+
+
+def _meta(**changes):
+    """A current-format meta (base_fingerprint and run settings) of the default config, with `changes` to the
+    config given as dotted keys."""
+    import json
+
+    from flowsteer_jax.checkpoint import run_settings
+    from flowsteer_jax.distill.config import default_config
+
+    config = json.loads(default_config().to_json_best_effort())
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        section[last] = value
+    return {
+        "model_path": "/a",
+        "transformer_config": {"num_layers": 2},
+        "base_fingerprint": "0123456789abcdef",
+        "latent_shape": [16, 16, 16],
+        "config": config,
+        "run": run_settings(config),
+        "shapes": {"x": [1, 2]},
+    }
+
+
+def test_changed_run_settings_are_refused_all_in_one_list():
+    from flowsteer_jax.checkpoint import resume_report
+
+    saved = _meta()
+    assert resume_report(saved, saved) == ([], [])
+    now = _meta(**{"optim.lora.lr": 5e-4, "seed": 7, "distill.cfg_max": 9.0, "data.shuffle": False})
+    problems, notes = resume_report(saved, now)
+    assert problems == [
+        "data.shuffle: True -> False",
+        "distill.cfg_max: 13.0 -> 9.0",
+        "optim.lora.lr: 0.0001 -> 0.0005",
+        "seed: 0 -> 7",
+    ]
+    assert notes == []
+
+
+def test_bookkeeping_settings_may_change():
+    from flowsteer_jax.checkpoint import compatibility_problems
+
+    now = _meta(
+        **{
+            "train.num_steps": 99_999,
+            "train.log_every": 1,
+            "checkpoint.every_steps": 7,
+            "checkpoint.keep": 1,
+            "eval.every_steps": 3,
+            "data.cache_embeddings": True,
+            "model.path": "/elsewhere",
+            "mesh.shape": [1, 2, 1],
+        }
+    )
+    assert compatibility_problems(_meta(), now) == []
+
+
+def test_allowed_changes_are_notes_by_key_or_prefix():
+    from flowsteer_jax.checkpoint import resume_report
+
+    saved, now = _meta(), _meta(**{"optim.lora.lr": 5e-4, "optim.disc.b2": 0.99, "loss.lambda_fm": 2.0})
+    problems, notes = resume_report(saved, now, allow=("optim.lora.lr", "loss"))
+    assert problems == ["optim.disc.b2: 0.999 -> 0.99"]
+    assert notes == [
+        "allowed change (checkpoint.allow_changes): loss.lambda_fm: 1.0 -> 2.0",
+        "allowed change (checkpoint.allow_changes): optim.lora.lr: 0.0001 -> 0.0005",
+    ]
+    assert resume_report(saved, now, allow=("optim", "loss"))[0] == []
+    # A prefix matches whole key parts only, and structural keys are never allowed (the shapes would differ).
+    assert resume_report(saved, now, allow=("optim.lo", "loss", "optim.disc"))[0] == ["optim.lora.lr: 0.0001 -> 0.0005"]
+    problems, _ = resume_report(saved, {**_meta(**{"lora.rank": 8})}, allow=("lora",))
+    assert problems == ["lora.rank: 64 -> 8"]
+
+
+def test_other_base_weights_are_refused_a_moved_base_is_not():
+    from flowsteer_jax.checkpoint import resume_report
+
+    saved = _meta()
+    problems, _ = resume_report(saved, {**saved, "base_fingerprint": "fedcba9876543210"})
+    assert len(problems) == 1 and problems[0].startswith("base weights: checkpoint used '/a' (base_fingerprint 0123")
+    assert "same config.json with other weights" in problems[0]
+    problems, notes = resume_report(saved, {**saved, "base_fingerprint": "f" * 16}, allow=("base_fingerprint",))
+    assert problems == [] and notes[0].startswith("allowed change (checkpoint.allow_changes): base weights")
+    problems, notes = resume_report(saved, {**saved, "model_path": "/moved"})
+    assert problems == [] and notes == [
+        "base model moved: '/a' -> '/moved' (same weights, base_fingerprint 0123456789abcdef)"
+    ]
+
+
+def test_a_checkpoint_from_before_the_checks_resumes_with_one_note():
+    from flowsteer_jax.checkpoint import resume_report
+
+    old = {k: v for k, v in _meta().items() if k not in ("base_fingerprint", "run")}
+    now = _meta(**{"optim.lora.lr": 5e-4})
+    problems, notes = resume_report(old, {**now, "base_fingerprint": "f" * 16})
+    assert problems == []
+    assert len(notes) == 1 and "cannot be checked" in notes[0]
+    # The structural checks still apply to it.
+    assert resume_report(old, _meta(**{"lora.rank": 8}))[0] == ["lora.rank: 64 -> 8"]

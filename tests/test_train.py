@@ -203,6 +203,76 @@ def test_resume_refuses_a_changed_model_or_shapes(setup, reference):
     assert "made by a different run" in proc.stderr and "lora.rank: 4 -> 2" in proc.stderr
 
 
+def _copy_run(reference, workdir) -> str:
+    import shutil
+
+    shutil.copytree(reference, workdir)
+    return str(workdir)
+
+
+def _refused(setup, workdir, *overrides) -> str:
+    proc = subprocess.run(
+        _args(setup, workdir, *overrides), env=setup["env"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_resume_refuses_other_base_weights_with_the_same_config(setup, reference, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = str(tmp_path / "other_sd3")
+    shutil.copytree(setup["model"], model)
+    folder = os.path.join(model, "transformer")
+    path = os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))[0])
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + np.asarray(0.01, tensors[key].dtype)  # config.json untouched
+    save_file(tensors, path)
+    workdir = _copy_run(reference, tmp_path / "run")
+    err = _refused(setup, workdir, f"--config.model.path={model}")
+    assert "made by a different run" in err and "base weights: checkpoint used" in err
+    assert "the same config.json with other weights" in err
+
+
+def test_resume_refuses_a_changed_setting_unless_allowed(setup, reference, tmp_path):
+    workdir = _copy_run(reference, tmp_path / "run")
+    err = _refused(setup, workdir, "--config.optim.lora.lr=5e-4", "--config.seed=1")
+    assert "made by a different run" in err and "optim.lora.lr: 0.001 -> 0.0005" in err and "seed: 0 -> 1" in err
+    assert "checkpoint.allow_changes" in err
+    # Allowed on purpose: resumes, with a warning naming the change; train.num_steps may always change.
+    err = _run(
+        setup,
+        workdir,
+        "--config.optim.lora.lr=5e-4",
+        '--config.checkpoint.allow_changes=("optim.lora.lr",)',
+        f"--config.train.num_steps={STEPS + 1}",
+    )
+    assert f"at step {STEPS}" in err and "allowed change (checkpoint.allow_changes): optim.lora.lr" in err
+    assert _steps(workdir)[-1] == STEPS + 1
+
+
+def test_unreadable_newest_checkpoint_is_refused_and_an_older_step_resumes(setup, reference, tmp_path):
+    workdir = _copy_run(reference, tmp_path / "run")
+    garbage = b"not an ocdbt manifest" * 10
+    bad = os.path.join(workdir, "checkpoints", str(STEPS), "state", "manifest.ocdbt")
+    with open(bad, "wb") as f:
+        f.write(garbage)
+    err = _refused(setup, workdir)
+    assert f"cannot read checkpoint step {STEPS} in {os.path.join(workdir, 'checkpoints')}" in err
+    assert "--config.checkpoint.resume_step=N" in err and f"steps on disk: {_steps(workdir)}" in err
+    assert "nothing was deleted" in err
+    err = _run(setup, workdir, f"--config.checkpoint.resume_step={STEPS - EVERY}")
+    assert f"at step {STEPS - EVERY}" in err
+    # The unreadable step was moved aside, intact, not deleted or overwritten; the run redid it bit for bit.
+    with open(os.path.join(workdir, "checkpoints_set_aside", str(STEPS), "state", "manifest.ocdbt"), "rb") as f:
+        assert f.read() == garbage
+    assert _steps(workdir)[-1] == STEPS
+    _assert_same_state(_state(workdir), _state(reference))
+
+
 def test_non_finite_steps_abort_and_keep_the_last_good_checkpoint(setup, tmp_path):
     workdir = str(tmp_path / "nan")
     proc = subprocess.run(

@@ -17,6 +17,12 @@ Shape (all keys always present; `configs/` files override values, never add keys
 - `train.num_steps`, `train.batch_size` (global; divides by the mesh's data x fsdp devices and by the number of
   processes), `train.max_bad_steps` (abort after this many non-finite steps in a row), `train.log_every`.
 - `checkpoint.every_steps` (also at the end and on SIGTERM/SIGINT), `checkpoint.keep` (newest kept).
+  `checkpoint.allow_changes`: run-defining settings (`flowsteer_jax.checkpoint.RUN_KEYS`: seed, world,
+  model.dtype, train.batch_size, the data stream, lora, disc, distill, loss, adv, optim) that a resume may change
+  on purpose: dotted keys or prefixes, e.g. `("optim.lora.lr",)` or `("optim",)`, or "base_fingerprint" for
+  other base weights with the same config.json; () = every change is refused (`train.num_steps` always may).
+  `checkpoint.resume_step`: the step to resume (-1 = the newest); an older one moves the newer steps to
+  `WORKDIR/checkpoints_set_aside/` (never deleted): for a newest step that cannot be read, or a rollback.
 - `data.prompts`: a .txt / .jsonl / .parquet prompt file (`flowsteer_jax/data.py`); `data.shuffle`;
   `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5 tokens);
   `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there).
@@ -90,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
         dict(path="", preset="", dtype="bfloat16", attention="", remat_policy="", latent_shape=(128, 128, 16))
     )
     c.train = ml_collections.ConfigDict(dict(num_steps=10_000, batch_size=8, max_bad_steps=20, log_every=10))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, allow_changes=(), resume_step=-1))
     c.data = ml_collections.ConfigDict(
         dict(prompts="", shuffle=True, negative_prompt="", max_sequence_length=256, cache_embeddings=False)
     )
