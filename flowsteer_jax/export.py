@@ -198,9 +198,9 @@ def protected_folders(model: str | None, base_folder: str | None, checkpoint: st
     return out
 
 
-def check_out(out: str, protected: dict[str, str], overwrite: bool) -> None:
-    """Refuse an `--out` that is (or contains) a protected folder, always; and an existing non-empty one unless
-    `overwrite`. InputError naming both paths."""
+def check_out(out: str, protected: dict[str, str], overwrite: bool | None) -> None:
+    """Refuse an `--out` that is (or contains) a protected folder, always; and (unless `overwrite` is None: not
+    checked yet) an existing non-empty one unless `overwrite`. InputError naming both paths."""
     real = _real(out)
     for folder, what in protected.items():
         if _within(folder, real):
@@ -210,7 +210,7 @@ def check_out(out: str, protected: dict[str, str], overwrite: bool) -> None:
             )
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"--out={out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    if overwrite is not None and os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise InputError(f"--out={out} exists and is not empty; pass --overwrite to replace it (all of it)")
 
 
@@ -296,7 +296,8 @@ def export(
             base_folder = transformer_folder(model)
         except ConversionError:
             base_folder = None
-    check_out(out, protected_folders(model, base_folder, checkpoint), overwrite)
+    protected = protected_folders(model, base_folder, checkpoint)
+    check_out(out, protected, None)  # never the base: before anything else is said about it
     raw_base = check_base(base_folder, tconf) if base_folder is not None else None
     if do_fuse:
         fingerprint = _checked_fingerprint(meta, base_folder, step_dir, model)
@@ -305,6 +306,7 @@ def export(
             fingerprint = weights_fingerprint(base_folder) if base_folder is not None else None
         except ConversionError:
             fingerprint = None
+    check_out(out, protected, overwrite)
 
     out = out.rstrip(os.sep) or out
     tmp = f"{out}.tmp-{os.getpid()}"
