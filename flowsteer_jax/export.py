@@ -272,11 +272,13 @@ def export(
     dtypes = _dtypes()
     if dtype is not None and dtype not in dtypes:
         raise ConversionError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    directory, step = resolve_step(checkpoint, step)  # its errors list the steps on disk
     try:
+        directory, step = resolve_step(checkpoint, step)
         flat, meta = read_lora(checkpoint, step)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (export another step with --step=N)") from e
+    except CheckpointError as e:  # a step that is absent, incomplete or unreadable: say how to pick another
+        if "steps on disk" in str(e) or "available steps" in str(e):
+            raise CheckpointError(f"{e} (export another step with --step=N)") from e
+        raise
     step_dir = os.path.join(directory, str(step))
     config = meta["config"]
     tconf = meta["transformer_config"]
