@@ -1,19 +1,34 @@
-r"""Export a FlowSteer student (a training workdir's LoRA) to diffusers.
+r"""Export a FlowSteer student (a training workdir's LoRA) to diffusers (and ComfyUI).
 
     python -m flowsteer_jax.export --checkpoint=WORKDIR --out=DIR [--step=N] [--fuse] \
-        [--dtype=bf16|fp16|fp32] [--model=FOLDER]
+        [--dtype=bf16|fp16|fp32] [--model=FOLDER] [--format=peft|comfyui|both] [--overwrite]
 
 (also `flowsteer-export ...`, and `python conversion/export_to_diffusers.py ...`, the old path, still works).
 
-Writes `DIR/pytorch_lora_weights.safetensors` (PEFT keys `transformer.<module>.lora_A/lora_B.weight`, the
-`alpha / rank` scale folded into lora_B: loads with `StableDiffusion3Pipeline.load_lora_weights(DIR)` or
-`SD3Transformer2DModel.load_lora_adapter`), with `--fuse` also `DIR/transformer/` (config.json + safetensors,
-sharded above `--max_shard_bytes`) with the LoRA merged into the base weights (`SD3Transformer2DModel
-.from_pretrained`), and `DIR/README.md` (base model, training summary, how to sample in diffusers).
+Writes into DIR:
+- `pytorch_lora_weights.safetensors` (`--format=peft|both`): PEFT keys `transformer.<module>.lora_A/lora_B.weight`,
+  the `alpha / rank` scale folded into lora_B; loads with `StableDiffusion3Pipeline.load_lora_weights(DIR)` or
+  `SD3Transformer2DModel.load_lora_adapter` (and in ComfyUI, whose SD3 key map knows `transformer.<module>`);
+- `comfyui_lora.safetensors` (`--format=comfyui|both`, the default both): kohya-style
+  `lora_transformer_<module with dots as underscores>.lora_down.weight (r, in)`, `.lora_up.weight (out, r)` and
+  `.alpha` (scale alpha / r), the OneTrainer prefix ComfyUI maps to diffusers module names (diffusers 0.42 has no
+  SD3 converter for non-diffusers keys: it loads only the PEFT file);
+- with `--fuse`, `transformer/` (config.json + safetensors, sharded above `--max_shard_bytes`): the base weights
+  with the LoRA merged in (`SD3Transformer2DModel.from_pretrained`);
+- `README.md` (base model, training summary, how to sample in diffusers) and `export.json` (step, workdir, base
+  model, the base's `weights_fingerprint`).
 The discriminator is never exported. `--model` (the base diffusers SD3 folder, or its `transformer/`) defaults to
-the one recorded in the checkpoint; it is needed for `--fuse` and must have the checkpoint's transformer config.
-`--dtype`: of the LoRA file (default fp32) and of the fused transformer (default: the base's stored dtype).
-Exit code 2, with a message naming the path, for a missing/incomplete checkpoint or a mismatched base model.
+the one recorded in the checkpoint; it is needed for `--fuse` and must have the checkpoint's transformer config,
+and, when the checkpoint records `base_fingerprint`, the same weights (else refused; an older checkpoint without it
+gets a one-line warning). `--dtype`: of the LoRA files (default fp32) and of the fused transformer (default: the
+base's stored dtype).
+
+Never overwrites: DIR must not exist or be empty, unless `--overwrite`, which replaces it whole (no stale shards or
+index). The base model's folders (pipeline, `transformer/`, where its weight files live, or a parent of them) and
+the workdir are refused even with `--overwrite`. Everything is written to `DIR.tmp-<pid>` and renamed into place at
+the end (an old DIR is moved aside, then deleted), so an interrupted export leaves no half-written model at DIR.
+Bad input (a missing, incomplete or unreadable checkpoint step, naming it and the other steps; a mismatched base;
+a refused DIR) is one line `flowsteer_jax.export: error: ...` on stderr and exit code 2; nothing is deleted.
 
 Pure numpy + orbax: never imports torch, nor any JAX model code (of flowsteer_jax only the numpy sigma schedules
 and the flag helper).
