@@ -314,8 +314,12 @@ def export(
         except ConversionError:
             base_folder = None
     protected = protected_folders(model, base_folder, checkpoint)
+    recorded = meta.get("model_path")
+    if recorded and recorded != model:  # --model named another base: the recorded one is protected too
+        protected = {**protected_folders(recorded, None, checkpoint), **protected}
     check_out(out, protected, None)  # never the base: before anything else is said about it
     raw_base = check_base(base_folder, tconf) if base_folder is not None else None
+    check_out(out, protected, overwrite)
     if do_fuse:
         fingerprint = _checked_fingerprint(meta, base_folder, step_dir, model)
     else:  # only recorded: the LoRA file does not hold the base
@@ -323,7 +327,6 @@ def export(
             fingerprint = weights_fingerprint(base_folder) if base_folder is not None else None
         except ConversionError:
             fingerprint = None
-    check_out(out, protected, overwrite)
 
     out = out.rstrip(os.sep) or out
     tmp = f"{out}.tmp-{os.getpid()}"
