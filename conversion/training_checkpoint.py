@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -132,6 +133,24 @@ def flat_lora_from_tree(tree: Any, source: str) -> dict[str, np.ndarray]:
 READ_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
 
 
+def _drop_closed_loop_noise() -> None:
+    """After a failed orbax read, tensorstore reads still in flight complete into orbax's already closed asyncio
+    loop, and Python prints each `RuntimeError: Event loop is closed` as an unraisable exception (a bare
+    traceback), during or after the failing call. Installed before each read: drops exactly those (process-wide,
+    once), so a failure stays the one line the caller reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
 def unreadable(directory: str, step: int, e: BaseException) -> CheckpointError:
     """The CheckpointError for a step that exists on disk but cannot be read, listing the other steps."""
     others = [s for s in _steps_on_disk(directory)[0] if s != step]
@@ -148,6 +167,7 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
     import orbax.checkpoint as ocp
 
     directory, step = resolve_step(workdir, step)
+    _drop_closed_loop_noise()
     try:
         mgr = _manager(directory)
         try:
@@ -181,6 +201,7 @@ def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarr
     """
     directory, step = resolve_step(workdir, step)
     step_dir = os.path.join(directory, str(step))
+    _drop_closed_loop_noise()
     try:
         restored = _restore_lora(directory, step, step_dir)
     except CheckpointError:
