@@ -23,6 +23,12 @@ from conversion.table import Entry, path_str
 
 LORA_LEAVES = ("lora_a", "lora_b")
 PEFT_FILE = "pytorch_lora_weights.safetensors"
+# The ComfyUI/kohya-style file: `lora_transformer_<diffusers module, dots as underscores>.lora_down.weight (r, in)`,
+# `.lora_up.weight (out, r)` and `.alpha` (a scalar; scale = alpha / r). ComfyUI's SD3 key map
+# (`comfy/lora.py::model_lora_keys_unet`) accepts this prefix (OneTrainer's) next to `transformer.<module>`;
+# `lora_unet_` there means SAI's own module names (`joint_blocks_0_x_block_attn_qkv`), not diffusers'.
+COMFYUI_FILE = "comfyui_lora.safetensors"
+COMFYUI_PREFIX = "lora_transformer_"
 PREFIX = "transformer."
 # Module-level prefixes accepted on reading: diffusers' pipeline prefix, PEFT `save_pretrained`'s wrapper.
 _READ_PREFIXES = ("transformer.", "base_model.model.")
@@ -119,6 +125,39 @@ def to_peft(
             b32 = b32 * np.float32(scale)
         out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.astype(np.float32).T.astype(dt))
         out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b32.T.astype(dt))
+    return out
+
+
+def comfyui_names(table_or_config: Iterable[Entry] | Mapping[str, Any]) -> dict[str, str]:
+    """Dotted Flax module path -> its ComfyUI/kohya key stem (`lora_transformer_transformer_blocks_0_attn_to_q`)."""
+    out = {
+        path: COMFYUI_PREFIX + torch_module(e).replace(".", "_") for path, e in linear_modules(table_or_config).items()
+    }
+    if len(set(out.values())) != len(out):  # underscores in module names could collide; SD3's never do
+        raise ConversionError("ComfyUI LoRA names collide for this transformer")
+    return out
+
+
+def to_comfyui(
+    flat_lora: Mapping[str, np.ndarray],
+    alpha: float,
+    table_or_config: Iterable[Entry] | Mapping[str, Any],
+    *,
+    dtype: Any = None,
+) -> dict[str, np.ndarray]:
+    """Our flat LoRA -> the ComfyUI/kohya layout: `<stem>.lora_down.weight (r, in)`, `<stem>.lora_up.weight
+    (out, r)` (not scaled) and `<stem>.alpha` (float32 scalar `alpha`), so loaders apply `alpha / r` as we do.
+
+    `dtype`: of the down/up matrices (default: that of `lora_a`).
+    """
+    names = comfyui_names(table_or_config)
+    out: dict[str, np.ndarray] = {}
+    for module, (_, a, b) in lora_pairs(flat_lora, table_or_config).items():
+        dt = np.dtype(dtype) if dtype is not None else a.dtype
+        stem = names[module]
+        out[f"{stem}.lora_down.weight"] = np.ascontiguousarray(a.astype(np.float32).T.astype(dt))
+        out[f"{stem}.lora_up.weight"] = np.ascontiguousarray(b.astype(np.float32).T.astype(dt))
+        out[f"{stem}.alpha"] = np.asarray(alpha, np.float32)
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,11 @@ def resolve_step(workdir: str, step: int | None = None) -> tuple[str, int]:
     step_dir = os.path.join(directory, str(step))
     missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
     if missing:
-        raise CheckpointError(f"{step_dir}: incomplete checkpoint, missing item(s) {missing} (expected {list(ITEMS)})")
+        others = [s for s in steps if s != step]
+        raise CheckpointError(
+            f"{step_dir}: incomplete checkpoint, missing item(s) {missing} (expected {list(ITEMS)}); "
+            f"other steps on disk: {others or 'none'}"
+        )
     return directory, int(step)
 
 
@@ -123,16 +128,54 @@ def flat_lora_from_tree(tree: Any, source: str) -> dict[str, np.ndarray]:
     return out
 
 
+# What orbax, tensorstore, json and the OS raise for a step folder that cannot be read (truncated or garbage
+# files, a missing file inside an item): reported as a CheckpointError naming the step.
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed orbax read, tensorstore reads still in flight complete into orbax's already closed asyncio
+    loop, and Python prints each `RuntimeError: Event loop is closed` as an unraisable exception (a bare
+    traceback), during or after the failing call. Installed before each read: drops exactly those (process-wide,
+    once), so a failure stays the one line the caller reports."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def unreadable(directory: str, step: int, e: BaseException) -> CheckpointError:
+    """The CheckpointError for a step that exists on disk but cannot be read, listing the other steps."""
+    others = [s for s in _steps_on_disk(directory)[0] if s != step]
+    cause = " ".join(f"{type(e).__name__}: {e}".split())
+    cause = cause if len(cause) <= 300 else cause[:297] + "..."
+    return CheckpointError(
+        f"{os.path.join(directory, str(step))}: step {step} cannot be read ({cause}); "
+        f"other steps on disk: {others or 'none'}; nothing was deleted"
+    )
+
+
 def read_meta(workdir: str, step: int | None = None) -> dict:
     """The `meta` item of a step (latest unless `step`), checked for the keys exporters rely on."""
     import orbax.checkpoint as ocp
 
     directory, step = resolve_step(workdir, step)
-    mgr = _manager(directory)
+    _drop_closed_loop_noise()
     try:
-        meta = mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-    finally:
-        mgr.close()
+        mgr = _manager(directory)
+        try:
+            meta = mgr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        finally:
+            mgr.close()
+    except READ_ERRORS as e:
+        raise unreadable(directory, step, e) from e
     return _check_meta(meta, os.path.join(directory, str(step), META))
 
 
@@ -153,19 +196,33 @@ def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarr
 
     Latest committed step unless `step`. Restores only `state.params.lora` (not the optimizer state or the
     discriminator) onto the host as numpy arrays. Raises `CheckpointError` naming the folder when there are no
-    checkpoints, the step is absent (listing those available), or an item is missing.
+    checkpoints, the step is absent (listing those available), an item is missing, or the step cannot be read
+    (truncated or garbage files: orbax's, tensorstore's, json's and OS errors, listing the other steps).
     """
-    import orbax.checkpoint as ocp
-
     directory, step = resolve_step(workdir, step)
     step_dir = os.path.join(directory, str(step))
+    _drop_closed_loop_noise()
+    try:
+        restored = _restore_lora(directory, step, step_dir)
+    except CheckpointError:
+        raise
+    except READ_ERRORS as e:
+        raise unreadable(directory, step, e) from e
+    meta = _check_meta(restored[META], os.path.join(step_dir, META))
+    return flat_lora_from_tree(_subtree(restored[STATE], LORA_TREE), f"{step_dir}/{STATE}"), meta
+
+
+def _restore_lora(directory: str, step: int, step_dir: str) -> dict:
+    """`{STATE: {params: {lora: ...}}, META: ...}` of one step, restored onto the host."""
+    import orbax.checkpoint as ocp
+
     mgr = _manager(directory)
     try:
+        tree = mgr.item_metadata(step)[STATE]
+        tree = tree.tree if hasattr(tree, "tree") else tree
         try:
-            tree = mgr.item_metadata(step)[STATE]
-            tree = tree.tree if hasattr(tree, "tree") else tree
             lora_md = _subtree(tree, LORA_TREE)
-        except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        except (KeyError, TypeError) as e:
             where = ".".join(LORA_TREE)
             raise CheckpointError(f"{step_dir}/{STATE}: no {where} in the saved state ({e!r})") from e
         leaves = _flatten(_as_dict(lora_md))
@@ -180,8 +237,7 @@ def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarr
         restored = mgr.restore(step, args=args)
     finally:
         mgr.close()
-    meta = _check_meta(restored[META], os.path.join(step_dir, META))
-    return flat_lora_from_tree(_subtree(restored[STATE], LORA_TREE), f"{step_dir}/{STATE}"), meta
+    return restored
 
 
 def _subtree(tree: Any, path: tuple[str, ...]) -> Any:

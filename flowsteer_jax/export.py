@@ -1,19 +1,34 @@
-r"""Export a FlowSteer student (a training workdir's LoRA) to diffusers.
+r"""Export a FlowSteer student (a training workdir's LoRA) to diffusers (and ComfyUI).
 
     python -m flowsteer_jax.export --checkpoint=WORKDIR --out=DIR [--step=N] [--fuse] \
-        [--dtype=bf16|fp16|fp32] [--model=FOLDER]
+        [--dtype=bf16|fp16|fp32] [--model=FOLDER] [--format=peft|comfyui|both] [--overwrite]
 
 (also `flowsteer-export ...`, and `python conversion/export_to_diffusers.py ...`, the old path, still works).
 
-Writes `DIR/pytorch_lora_weights.safetensors` (PEFT keys `transformer.<module>.lora_A/lora_B.weight`, the
-`alpha / rank` scale folded into lora_B: loads with `StableDiffusion3Pipeline.load_lora_weights(DIR)` or
-`SD3Transformer2DModel.load_lora_adapter`), with `--fuse` also `DIR/transformer/` (config.json + safetensors,
-sharded above `--max_shard_bytes`) with the LoRA merged into the base weights (`SD3Transformer2DModel
-.from_pretrained`), and `DIR/README.md` (base model, training summary, how to sample in diffusers).
+Writes into DIR:
+- `pytorch_lora_weights.safetensors` (`--format=peft|both`): PEFT keys `transformer.<module>.lora_A/lora_B.weight`,
+  the `alpha / rank` scale folded into lora_B; loads with `StableDiffusion3Pipeline.load_lora_weights(DIR)` or
+  `SD3Transformer2DModel.load_lora_adapter` (and in ComfyUI, whose SD3 key map knows `transformer.<module>`);
+- `comfyui_lora.safetensors` (`--format=comfyui|both`, the default both): kohya-style
+  `lora_transformer_<module with dots as underscores>.lora_down.weight (r, in)`, `.lora_up.weight (out, r)` and
+  `.alpha` (scale alpha / r), the OneTrainer prefix ComfyUI maps to diffusers module names (diffusers 0.42 has no
+  SD3 converter for non-diffusers keys: it loads only the PEFT file);
+- with `--fuse`, `transformer/` (config.json + safetensors, sharded above `--max_shard_bytes`): the base weights
+  with the LoRA merged in (`SD3Transformer2DModel.from_pretrained`);
+- `README.md` (base model, training summary, how to sample in diffusers) and `export.json` (step, workdir, base
+  model, the base's `weights_fingerprint`).
 The discriminator is never exported. `--model` (the base diffusers SD3 folder, or its `transformer/`) defaults to
-the one recorded in the checkpoint; it is needed for `--fuse` and must have the checkpoint's transformer config.
-`--dtype`: of the LoRA file (default fp32) and of the fused transformer (default: the base's stored dtype).
-Exit code 2, with a message naming the path, for a missing/incomplete checkpoint or a mismatched base model.
+the one recorded in the checkpoint; it is needed for `--fuse` and must have the checkpoint's transformer config,
+and, when the checkpoint records `base_fingerprint`, the same weights (else refused; an older checkpoint without it
+gets a one-line warning). `--dtype`: of the LoRA files (default fp32) and of the fused transformer (default: the
+base's stored dtype).
+
+Never overwrites: DIR must not exist or be empty, unless `--overwrite`, which replaces it whole (no stale shards or
+index). The base model's folders (pipeline, `transformer/`, where its weight files live, or a parent of them) and
+the workdir are refused even with `--overwrite`. Everything is written to `DIR.tmp-<pid>` and renamed into place at
+the end (an old DIR is moved aside, then deleted), so an interrupted export leaves no half-written model at DIR.
+Bad input (a missing, incomplete or unreadable checkpoint step, naming it and the other steps; a mismatched base;
+a refused DIR) is one line `flowsteer_jax.export: error: ...` on stderr and exit code 2; nothing is deleted.
 
 Pure numpy + orbax: never imports torch, nor any JAX model code (of flowsteer_jax only the numpy sigma schedules
 and the flag helper).
@@ -23,20 +38,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 from absl import flags
 
 from conversion import sd3_transformer
-from conversion.lora import PEFT_FILE, fuse, lora_pairs, to_peft
-from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint
+from conversion.errors import InputError
+from conversion.lora import COMFYUI_FILE, PEFT_FILE, fuse, lora_pairs, to_comfyui, to_peft
+from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint, weights_fingerprint
 from conversion.table import check_checkpoint
-from conversion.training_checkpoint import read_lora
+from conversion.training_checkpoint import CheckpointError, read_lora, resolve_step
 from flowsteer_jax import cli
 from flowsteer_jax.flow import schedules
 
 PROG = "flowsteer_jax.export"
+FORMATS = ("peft", "comfyui", "both")
+EXPORT_RECORD = "export.json"  # what the folder was exported from
 
 
 def _dtypes() -> dict[str, np.dtype]:
@@ -83,7 +102,7 @@ def check_base(folder: str, transformer_config: dict) -> dict:
     return raw
 
 
-def _readme(meta: dict, base: str, step: int, fused: bool, scale: float) -> str:
+def _readme(meta: dict, base: str, step: int, fused: bool, scale: float, files: dict[str, str]) -> str:
     config = meta["config"]
     n, shift, kind = student_schedule(config)
     sig = rectified_sigmas(n, shift)
@@ -108,8 +127,21 @@ def _readme(meta: dict, base: str, step: int, fused: bool, scale: float) -> str:
         f"teacher steps {d.get('teacher_steps', '?')}, CFG {d.get('cfg_min', '?')}-{d.get('cfg_max', '?')}, "
         f"lambda_adv {loss.get('lambda_adv', '?')}, lambda_fm {loss.get('lambda_fm', '?')}",
         "",
-        f"`{PEFT_FILE}` holds PEFT/diffusers LoRA keys (no alpha keys: scale 1 as loaded)."
-        + (" `transformer/` is the base transformer with the LoRA merged in." if fused else ""),
+        *(
+            [f"`{PEFT_FILE}` holds PEFT/diffusers LoRA keys (no alpha keys: scale 1 as loaded)."]
+            if "lora" in files
+            else []
+        ),
+        *(
+            [
+                f"`{COMFYUI_FILE}` holds the same LoRA for ComfyUI (kohya-style `lora_transformer_<module>.lora_down/"
+                f"lora_up.weight` and `.alpha` = {lora['alpha']}, scale alpha / rank)."
+            ]
+            if "comfyui_lora" in files
+            else []
+        ),
+        *(["`transformer/` is the base transformer with the LoRA merged in."] if fused else []),
+        f"`{EXPORT_RECORD}` records the checkpoint step, workdir and base model (with its weights fingerprint).",
         "",
         f"## Sampling in diffusers ({n} steps, no guidance, the rectified schedule)",
         "",
@@ -148,6 +180,90 @@ def _readme(meta: dict, base: str, step: int, fused: bool, scale: float) -> str:
     return "\n".join(lines)
 
 
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or inside it (real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def protected_folders(model: str | None, base_folder: str | None, checkpoint: str) -> dict[str, str]:
+    """Real path -> what it is, for every folder an export must never replace: the base pipeline folder, its
+    `transformer/` folder, the folders that hold the base weight files (symlink targets too, as in a hub cache),
+    and the training workdir's checkpoints."""
+    out: dict[str, str] = {}
+    if model:
+        out[_real(model)] = f"the base model folder {model}"
+        if os.path.isdir(os.path.join(model, "transformer")):
+            out[_real(os.path.join(model, "transformer"))] = f"the base transformer folder {model}/transformer"
+        parent = os.path.dirname(_real(model))
+        if os.path.isfile(os.path.join(parent, "model_index.json")):  # --model named the transformer/ itself
+            out.setdefault(parent, f"the base pipeline folder {parent}")
+    if base_folder:
+        out.setdefault(_real(base_folder), f"the base transformer folder {base_folder}")
+        if os.path.isdir(base_folder):
+            for name in os.listdir(base_folder):
+                if name.endswith((".safetensors", ".json")):
+                    real = os.path.dirname(_real(os.path.join(base_folder, name)))
+                    out.setdefault(real, f"the folder holding the base weights of {base_folder}")
+    if os.path.isdir(checkpoint):
+        out.setdefault(_real(checkpoint), f"the training workdir {checkpoint}")
+    return out
+
+
+def check_out(out: str, protected: dict[str, str], overwrite: bool | None) -> None:
+    """Refuse an `--out` that is (or contains) a protected folder, always; and (unless `overwrite` is None: not
+    checked yet) an existing non-empty one unless `overwrite`. InputError naming both paths."""
+    real = _real(out)
+    for folder, what in protected.items():
+        if _within(folder, real):
+            how = "is" if folder == real else "contains"
+            raise InputError(
+                f"--out={out} {how} {what}; an export never writes there, even with --overwrite (choose another --out)"
+            )
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"--out={out} exists and is not a folder")
+    if overwrite is not None and os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise InputError(f"--out={out} exists and is not empty; pass --overwrite to replace it (all of it)")
+
+
+def _checked_fingerprint(meta: dict, base_folder: str, step_dir: str, model: str | None) -> str:
+    """The base transformer's `weights_fingerprint`; InputError when the checkpoint recorded another one, a
+    one-line warning when it recorded none (a checkpoint from before `base_fingerprint`)."""
+    have = weights_fingerprint(base_folder)
+    want = meta.get("base_fingerprint")
+    trained_on = meta.get("model_path") or "(not recorded)"
+    if want is None:
+        print(
+            f"{PROG}: warning: {step_dir}/meta records no base_fingerprint (an older checkpoint): cannot check that "
+            f"{base_folder} holds the weights the LoRA was trained on",
+            file=sys.stderr,
+        )
+    elif want != have:
+        raise InputError(
+            f"{base_folder}: its weights differ from the ones the LoRA was trained on ({trained_on}): fingerprint "
+            f"{have} vs {want} recorded in {step_dir}/meta; pass --model=<the base it was trained on>"
+        )
+    return have
+
+
+def _replace(tmp: str, out: str) -> None:
+    """Move the finished `tmp` to `out`: an existing `out` is moved aside first and deleted after."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old)
+
+
 def export(
     checkpoint: str,
     out: str,
@@ -157,17 +273,34 @@ def export(
     dtype: str | None = None,
     model: str | None = None,
     max_shard_bytes: int | None = 10 * 2**30,
+    fmt: str = "both",
+    overwrite: bool = False,
 ) -> dict[str, str]:
-    """Write the LoRA file (and with `do_fuse` the merged `transformer/`) and README.md; returns written paths."""
-    flat, meta = read_lora(checkpoint, step)
+    """Write the LoRA file(s), with `do_fuse` the merged `transformer/`, README.md and export.json into `out`.
+
+    `fmt`: `peft`, `comfyui` or `both`. Never overwrites: `out` must be absent or empty unless `overwrite`, and is
+    never the base model's folder (nor the workdir). Everything is written to `<out>.tmp-<pid>` and renamed into
+    place at the end (an old `out` is replaced whole). Returns the written paths (under `out`).
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+    dtypes = _dtypes()
+    if dtype is not None and dtype not in dtypes:
+        raise ConversionError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    try:
+        directory, step = resolve_step(checkpoint, step)
+        flat, meta = read_lora(checkpoint, step)
+    except CheckpointError as e:  # a step that is absent, incomplete or unreadable: say how to pick another
+        if "steps on disk" in str(e) or "available steps" in str(e):
+            raise CheckpointError(f"{e} (export another step with --step=N)") from e
+        raise
+    step_dir = os.path.join(directory, str(step))
     config = meta["config"]
     tconf = meta["transformer_config"]
     table = sd3_transformer.param_table(tconf)
     lora_pairs(flat, table)  # strict: every adapter fits the checkpoint's own transformer config
-    scale = float(config["lora"]["alpha"]) / float(config["lora"]["rank"])
-    dtypes = _dtypes()
-    if dtype is not None and dtype not in dtypes:
-        raise ConversionError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    alpha, rank = float(config["lora"]["alpha"]), float(config["lora"]["rank"])
+    scale = alpha / rank
     named = model
     model = model or meta.get("model_path") or config.get("model", {}).get("path") or None
     base_folder = None
@@ -180,32 +313,73 @@ def export(
             base_folder = transformer_folder(model)
         except ConversionError:
             base_folder = None
+    protected = protected_folders(model, base_folder, checkpoint)
+    recorded = meta.get("model_path")
+    if recorded and recorded != model:  # --model named another base: the recorded one is protected too
+        protected = {**protected_folders(recorded, None, checkpoint), **protected}
+    check_out(out, protected, None)  # never the base: before anything else is said about it
     raw_base = check_base(base_folder, tconf) if base_folder is not None else None
-
-    os.makedirs(out, exist_ok=True)
-    written: dict[str, str] = {}
-    lora_dtype = dtypes[dtype or "fp32"]
-    peft = to_peft(flat, scale, table, dtype=lora_dtype)
-    written["lora"] = save_checkpoint(peft, out, name=PEFT_FILE[: -len(".safetensors")], max_shard_bytes=None)[0]
+    check_out(out, protected, overwrite)
     if do_fuse:
-        ckpt = open_checkpoint(base_folder)
-        check_checkpoint(ckpt, table, os.path.join(base_folder, "config.json"))
-        base_sd = {k: ckpt.load(k) for k in ckpt.keys()}
-        out_dtype = None if dtype is None else dtypes[dtype]
-        fused = fuse(base_sd, flat, scale, table, dtype=out_dtype)
-        if out_dtype is not None:  # every weight in one dtype (merged ones already are)
-            fused = {k: v.astype(out_dtype, copy=False) for k, v in fused.items()}
-        tdir = os.path.join(out, "transformer")
-        save_checkpoint(fused, tdir, max_shard_bytes=max_shard_bytes)
-        with open(os.path.join(tdir, "config.json"), "w") as f:
-            json.dump(raw_base, f, indent=2)
-        written["transformer"] = tdir
-    base_name = model or "path/to/stable-diffusion-3"
-    readme = os.path.join(out, "README.md")
-    with open(readme, "w") as f:
-        f.write(_readme(meta, base_name, int(meta.get("step", step or 0)), do_fuse, scale))
-    written["readme"] = readme
-    return written
+        fingerprint = _checked_fingerprint(meta, base_folder, step_dir, model)
+    else:  # only recorded: the LoRA file does not hold the base
+        try:
+            fingerprint = weights_fingerprint(base_folder) if base_folder is not None else None
+        except ConversionError:
+            fingerprint = None
+
+    out = out.rstrip(os.sep) or out
+    tmp = f"{out}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    files: dict[str, str] = {}
+    try:
+        if fmt in ("peft", "both"):
+            peft = to_peft(flat, scale, table, dtype=dtypes[dtype or "fp32"])
+            save_checkpoint(peft, tmp, name=PEFT_FILE[: -len(".safetensors")], max_shard_bytes=None)
+            files["lora"] = PEFT_FILE
+        if fmt in ("comfyui", "both"):
+            comfy = to_comfyui(flat, alpha, table, dtype=dtypes[dtype or "fp32"])
+            save_checkpoint(comfy, tmp, name=COMFYUI_FILE[: -len(".safetensors")], max_shard_bytes=None)
+            files["comfyui_lora"] = COMFYUI_FILE
+        if do_fuse:
+            ckpt = open_checkpoint(base_folder)
+            check_checkpoint(ckpt, table, os.path.join(base_folder, "config.json"))
+            base_sd = {k: ckpt.load(k) for k in ckpt.keys()}
+            out_dtype = None if dtype is None else dtypes[dtype]
+            fused = fuse(base_sd, flat, scale, table, dtype=out_dtype)
+            if out_dtype is not None:  # every weight in one dtype (merged ones already are)
+                fused = {k: v.astype(out_dtype, copy=False) for k, v in fused.items()}
+            save_checkpoint(fused, os.path.join(tmp, "transformer"), max_shard_bytes=max_shard_bytes)
+            with open(os.path.join(tmp, "transformer", "config.json"), "w") as f:
+                json.dump(raw_base, f, indent=2)
+            files["transformer"] = "transformer"
+        base_name = model or "path/to/stable-diffusion-3"
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(_readme(meta, base_name, int(meta.get("step", step)), do_fuse, scale, files))
+        files["readme"] = "README.md"
+        record = {
+            "step": int(meta.get("step", step)),
+            "checkpoint": _real(checkpoint),
+            "checkpoint_step_dir": _real(step_dir),
+            "base_model": _real(model) if model else None,
+            "base_fingerprint": fingerprint,
+            "trained_base_fingerprint": meta.get("base_fingerprint"),
+            "lora": {"rank": int(rank), "alpha": alpha, "scale": scale},
+            "format": fmt,
+            "dtype": dtype,
+            "fused": do_fuse,
+            "files": sorted(files.values()),
+        }
+        with open(os.path.join(tmp, EXPORT_RECORD), "w") as f:
+            json.dump(record, f, indent=2)
+        files["record"] = EXPORT_RECORD
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {what: os.path.join(out, name) for what, name in files.items()}
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -216,6 +390,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("dtype", None, ["bf16", "fp16", "fp32"], "LoRA (and fused transformer) dtype", flag_values=fv)
     flags.DEFINE_string("model", None, "base diffusers SD3 folder (default: the checkpoint's)", flag_values=fv)
     flags.DEFINE_integer("max_shard_bytes", 10 * 2**30, "shard the fused transformer above this", flag_values=fv)
+    flags.DEFINE_enum(
+        "format", "both", list(FORMATS), "LoRA file layout(s): PEFT/diffusers, ComfyUI/kohya", flag_values=fv
+    )
+    flags.DEFINE_bool("overwrite", False, "replace an existing non-empty --out (all of it)", flag_values=fv)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -224,7 +402,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> int:
         written = export(
             args.checkpoint,
             args.out,
@@ -233,13 +412,14 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             model=args.model,
             max_shard_bytes=args.max_shard_bytes,
+            fmt=args.format,
+            overwrite=args.overwrite,
         )
-    except (ConversionError, FileNotFoundError) as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
-    for what, path in written.items():
-        print(f"wrote {what}: {path}")
-    return 0
+        for what, path in written.items():
+            print(f"wrote {what}: {path}")
+        return 0
+
+    return cli.run(PROG, run)
 
 
 if __name__ == "__main__":

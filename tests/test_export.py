@@ -505,3 +505,202 @@ def test_weights_fingerprint_tells_weights_apart(tmp_path):
     save_checkpoint(tensors, str(tmp_path / "c"))
     a, b, c = (weights_fingerprint(str(tmp_path / n)) for n in "abc")
     assert a == b != c and len(a) == 16
+
+
+# --- never overwrite, the base's fingerprint, unreadable checkpoints, the ComfyUI file (issue #15) ---
+
+
+def tree_hashes(folder) -> dict[str, str]:
+    """relative path -> sha256 of every file under `folder`."""
+    import hashlib
+
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def run_export(capsys, *args: str) -> tuple[int, list[str]]:
+    """`flowsteer_jax.export.main(args)` in process: (exit code, stderr lines)."""
+    from flowsteer_jax import export as export_mod
+
+    capsys.readouterr()
+    rc = export_mod.main(list(args))
+    return rc, capsys.readouterr().err.splitlines()
+
+
+def with_meta(src: str, dst: str, **extra) -> str:
+    """A copy of workdir `src` whose newest step's meta has `extra` keys (as a newer trainer writes them)."""
+    from conversion.training_checkpoint import resolve_step
+
+    shutil.copytree(src, dst)
+    directory, step = resolve_step(dst)
+    path = os.path.join(directory, str(step), "meta", "metadata")
+    with open(path) as f:
+        meta = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**meta, **extra}, f)
+    return dst
+
+
+def test_export_never_writes_into_the_base(world, exported, capsys):
+    folder = world["folder"]
+    before = tree_hashes(folder)
+    ck = f"--checkpoint={world['workdir']}"
+    for out in (folder, os.path.join(folder, "transformer"), os.path.dirname(folder)):
+        for extra in ([], ["--overwrite"]):
+            rc, err = run_export(capsys, ck, f"--out={out}", "--fuse", *extra)
+            assert rc == 2 and len(err) == 1, err
+            assert err[0].startswith("flowsteer_jax.export: error: --out=") and "even with --overwrite" in err[0]
+            assert out in err[0] and folder in err[0], err
+    assert tree_hashes(folder) == before
+    assert not [n for n in os.listdir(world["root"]) if ".tmp-" in n or ".old-" in n]
+    # the training workdir is never replaced either
+    rc, err = run_export(capsys, ck, f"--out={world['workdir']}", "--overwrite")
+    assert rc == 2 and len(err) == 1 and "the training workdir" in err[0], err
+
+
+def test_export_refuses_a_non_empty_out(world, exported, tmp_path, capsys):
+    out = tmp_path / "taken"
+    os.makedirs(out / "sub")
+    (out / "README.md").write_text("mine")
+    (out / "sub" / "x.safetensors").write_text("not weights")
+    before = tree_hashes(out)
+    rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={out}")
+    assert rc == 2 and len(err) == 1 and f"--out={out} exists and is not empty" in err[0], err
+    assert "--overwrite" in err[0]
+    assert tree_hashes(out) == before
+    os.makedirs(tmp_path / "empty")  # an empty folder is fine
+    rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={tmp_path / 'empty'}", "--format=peft")
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path / "empty")) == ["README.md", "export.json", PEFT_FILE]
+
+
+def test_overwrite_replaces_a_sharded_export_whole(world, student, tmp_path, capsys):
+    model, meta = student
+    out = tmp_path / "fused"
+    ck = f"--checkpoint={world['workdir']}"
+    rc, err = run_export(capsys, ck, f"--out={out}", "--fuse", "--dtype=bf16", "--max_shard_bytes=20000")
+    assert rc == 0, err
+    tdir = out / "transformer"
+    first = sorted(os.listdir(tdir))
+    assert "diffusion_pytorch_model.safetensors.index.json" in first and len(first) > 3, first
+    (out / "mine.txt").write_text("not from the export")
+    rc, err = run_export(capsys, ck, f"--out={out}", "--fuse", "--format=peft", "--overwrite")
+    assert rc == 0, err
+    assert sorted(os.listdir(tdir)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "export.json", PEFT_FILE, "transformer"]
+    assert not [n for n in os.listdir(tmp_path) if n != "fused"]  # no .tmp-/.old- folder left
+    fused = SD3Transformer2DModel.from_pretrained(str(tdir)).eval()
+    assert all(p.dtype == torch.float32 for p in fused.parameters())  # the new (fp32) weights, not the bf16 shards
+    inputs = transformer_inputs(meta["transformer_config"])
+    assert rel_err(torch_forward(fused, inputs), ours_forward(model, inputs)) <= 1e-4
+    record = json.loads((out / "export.json").read_text())
+    assert record["step"] == STEP and record["fused"] and record["format"] == "peft"
+    assert record["checkpoint"] == os.path.realpath(world["workdir"])
+    assert record["base_model"] == os.path.realpath(world["folder"]) and len(record["base_fingerprint"]) == 16
+
+
+def test_fuse_checks_the_base_fingerprint(world, exported, tmp_path, capsys):
+    from conversion.safetensors_io import save_checkpoint, weights_fingerprint
+
+    tdir = os.path.join(world["folder"], "transformer")
+    fp = weights_fingerprint(tdir)
+    workdir = with_meta(world["workdir"], str(tmp_path / "run"), base_fingerprint=fp)
+    other = tmp_path / "other"  # same config, other values
+    shutil.copytree(world["folder"], other, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    ckpt = open_checkpoint_np(tdir)
+    save_checkpoint({k: v + np.asarray(0.01, v.dtype) for k, v in ckpt.items()}, str(other / "transformer"))
+    rc, err = run_export(capsys, f"--checkpoint={workdir}", f"--out={tmp_path / 'a'}", "--fuse", f"--model={other}")
+    assert rc == 2 and len(err) == 1, err
+    assert f"{other}/transformer" in err[0] and world["folder"] in err[0], err
+    assert "differ from the ones the LoRA was trained on" in err[0]
+    assert not os.path.exists(tmp_path / "a")
+    rc, err = run_export(capsys, f"--checkpoint={workdir}", f"--out={tmp_path / 'b'}", "--fuse")
+    assert rc == 0 and not err, err
+    assert json.loads((tmp_path / "b" / "export.json").read_text())["base_fingerprint"] == fp
+    # an older checkpoint (no base_fingerprint): one warning line, and the export goes on
+    rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={tmp_path / 'c'}", "--fuse")
+    assert rc == 0 and len(err) == 1 and "warning" in err[0] and "no base_fingerprint" in err[0], err
+
+
+def open_checkpoint_np(folder: str):
+    from conversion.safetensors_io import open_checkpoint
+
+    return open_checkpoint(folder)
+
+
+def test_unreadable_newest_checkpoint(world, exported, tmp_path, capsys):
+    """A newer step that cannot be read: one line naming it, the other steps, exit 2, nothing deleted; --step of
+    the good one works."""
+    good = str(tmp_path / "good")
+    cases = {
+        "garbage_meta": lambda d: open(os.path.join(d, "meta", "metadata"), "w").write("garbage"),
+        "no_meta": lambda d: shutil.rmtree(os.path.join(d, "meta")),
+        "truncated_state": lambda d: [
+            os.truncate(os.path.join(p, n), 10)
+            for p, _, names in os.walk(os.path.join(d, "state"))
+            for n in names
+            if os.sep + "d" in p
+        ],
+    }
+    for name, corrupt in cases.items():
+        workdir = tmp_path / name
+        shutil.copytree(world["workdir"], workdir)
+        bad = workdir / "checkpoints" / "7"
+        shutil.copytree(workdir / "checkpoints" / str(STEP), bad)
+        corrupt(str(bad))
+        before = tree_hashes(workdir)
+        rc, err = run_export(capsys, f"--checkpoint={workdir}", f"--out={tmp_path / 'x'}")
+        assert rc == 2 and len(err) == 1, (name, err)
+        assert f"{bad}:" in err[0] and f"other steps on disk: [{STEP}]" in err[0] and "--step=N" in err[0], err
+        assert tree_hashes(workdir) == before and not os.path.exists(tmp_path / "x")
+        if name != "no_meta":
+            with pytest.raises(CheckpointError, match=r"step 7 cannot be read"):
+                read_lora(str(workdir))  # SD3Pipeline.load_lora(workdir) reads through this
+        out = tmp_path / f"{name}_out"
+        rc, err = run_export(capsys, f"--checkpoint={workdir}", f"--out={out}", f"--step={STEP}", "--format=peft")
+        assert rc == 0, err
+        if not os.path.exists(good):
+            shutil.copytree(out, good)
+        assert tree_hashes(out)[PEFT_FILE] == tree_hashes(good)[PEFT_FILE]
+
+
+def test_comfyui_file_matches_the_peft_one(world, exported, student):
+    """The ComfyUI/kohya file (`lora_transformer_<module>.lora_down/lora_up.weight`, `.alpha`), resolved the way
+    ComfyUI's SD3 key map does (diffusers module names, dots as underscores) and loaded by diffusers with its
+    alphas (`network_alphas`: scale alpha / rank), gives the PEFT export's forward."""
+    from conversion.lora import COMFYUI_FILE
+
+    _, meta = student
+    tconf = meta["transformer_config"]
+    with safe_open(os.path.join(world["out"], COMFYUI_FILE), framework="pt") as f:
+        comfy = {k: f.get_tensor(k) for k in f.keys()}
+    assert comfy and all(k.startswith("lora_transformer_") for k in comfy)
+    alphas = {k: float(v) for k, v in comfy.items() if k.endswith(".alpha")}
+    assert len(alphas) * 3 == len(comfy) and set(alphas.values()) == {ALPHA}
+    base = os.path.join(world["folder"], "transformer")
+    tm = SD3Transformer2DModel.from_pretrained(base).eval()
+    names = {n.replace(".", "_"): n for n, m in tm.named_modules() if isinstance(m, torch.nn.Linear)}
+    sd, network_alphas = {}, {}
+    for key, value in comfy.items():
+        stem, _, suffix = key.partition(".")
+        module = "transformer." + names[stem.removeprefix("lora_transformer_")]
+        if suffix == "alpha":
+            network_alphas[f"{module}.alpha"] = float(value)
+        else:
+            assert value.shape[0 if suffix == "lora_down.weight" else 1] == RANK
+            sd[f"{module}.{'lora_A' if suffix == 'lora_down.weight' else 'lora_B'}.weight"] = value
+    with captured_warnings() as messages:
+        tm.load_lora_adapter(sd, prefix="transformer", network_alphas=network_alphas)
+    assert not key_problems(messages), messages
+    peft = SD3Transformer2DModel.from_pretrained(base).eval()
+    peft.load_lora_adapter(world["out"], prefix="transformer", weight_name=PEFT_FILE)
+    inputs = transformer_inputs(tconf)
+    want = torch_forward(peft, inputs)
+    err = rel_err(torch_forward(tm, inputs), want)
+    assert err <= 1e-5, err
+    assert rel_err(torch_forward(SD3Transformer2DModel.from_pretrained(base).eval(), inputs), want) > 1e-3
