@@ -152,6 +152,8 @@ def test_validate_accepts_every_config_file():
         ({"distributed__process_id": 1}, "distributed.process_id=1 must be < distributed.num_processes=1"),
         ({"mesh__shape": (-1, -1, 1)}, "mesh.shape=(-1, -1, 1)"),
         ({"seed": -1}, "seed=-1 must be >= 0"),
+        ({"checkpoint__resume_step": -2}, "checkpoint.resume_step=-2 must be >= -1"),
+        ({"checkpoint__allow_changes": ("",)}, "checkpoint.allow_changes=('',) must be a tuple of dotted keys"),
     ],
 )
 def test_validate_names_the_key(values, fragment):

@@ -214,7 +214,8 @@ def _refused(setup, workdir, *overrides) -> str:
     proc = subprocess.run(
         _args(setup, workdir, *overrides), env=setup["env"], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "flowsteer_jax.train: error:" in proc.stderr, proc.stderr[-3000:]
     return proc.stderr
 
 

@@ -183,6 +183,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     number("train.log_every", 0, integer=True)
     number("checkpoint.every_steps", 0, integer=True)
     number("checkpoint.keep", 1, integer=True)
+    number("checkpoint.resume_step", -1, integer=True)
+    allow = config.checkpoint.allow_changes
+    if isinstance(allow, str) or not all(isinstance(k, str) and k for k in allow):
+        out.append(f"checkpoint.allow_changes={allow!r} must be a tuple of dotted keys, e.g. ('optim.lora.lr',)")
     number("data.max_sequence_length", 1, integer=True)
     number("eval.every_steps", 0, integer=True)
     number("eval.seed", 0, integer=True)
