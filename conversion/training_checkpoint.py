@@ -133,22 +133,29 @@ def flat_lora_from_tree(tree: Any, source: str) -> dict[str, np.ndarray]:
 READ_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError)
 
 
-def _drop_closed_loop_noise() -> None:
+def _closed_loop(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def drop_closed_loop_noise() -> None:
     """After a failed orbax read, tensorstore reads still in flight complete into orbax's already closed asyncio
-    loop, and Python prints each `RuntimeError: Event loop is closed` as an unraisable exception (a bare
-    traceback), during or after the failing call. Installed before each read: drops exactly those (process-wide,
-    once), so a failure stays the one line the caller reports."""
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop", False):
+    loop, and Python prints each `RuntimeError: Event loop is closed` as a bare traceback (as an unraisable
+    exception, or through `sys.excepthook`), during or after the failing call. Installed before each read: drops
+    exactly those (process-wide, once), so a failure stays the one line the caller reports."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+    if getattr(unraisable, "drops_closed_loop", False):
         return
 
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        previous(unraisable)
+    def on_unraisable(info):
+        if not _closed_loop(info.exc_value):
+            unraisable(info)
 
-    hook.drops_closed_loop = True
-    sys.unraisablehook = hook
+    def on_exception(kind, value, tb):
+        if not _closed_loop(value):
+            excepthook(kind, value, tb)
+
+    on_unraisable.drops_closed_loop = True
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
 
 
 def unreadable(directory: str, step: int, e: BaseException) -> CheckpointError:
@@ -167,7 +174,7 @@ def read_meta(workdir: str, step: int | None = None) -> dict:
     import orbax.checkpoint as ocp
 
     directory, step = resolve_step(workdir, step)
-    _drop_closed_loop_noise()
+    drop_closed_loop_noise()
     try:
         mgr = _manager(directory)
         try:
@@ -201,7 +208,7 @@ def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarr
     """
     directory, step = resolve_step(workdir, step)
     step_dir = os.path.join(directory, str(step))
-    _drop_closed_loop_noise()
+    drop_closed_loop_noise()
     try:
         restored = _restore_lora(directory, step, step_dir)
     except CheckpointError:

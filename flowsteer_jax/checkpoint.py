@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from conversion.training_checkpoint import CHECKPOINTS, META, STATE, CheckpointError
+from conversion.training_checkpoint import CHECKPOINTS, META, STATE, CheckpointError, drop_closed_loop_noise
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +182,11 @@ class Checkpointer:
                 + "; ".join(problems)
             )
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
-        hook = sys.excepthook
-        sys.excepthook = _quiet_closed_loop_errors(hook)
+        drop_closed_loop_noise()
         try:
             state = self.manager.restore(step, args=args)[STATE]
-        except Exception as e:  # keeps the hook: the reads still under way report after this
+        except Exception as e:
             raise self._unreadable(step, "train state", e) from None
-        sys.excepthook = hook
         for note in notes:
             if jax.process_index() == 0:
                 log.warning("resuming step %d: %s", step, note)
@@ -225,17 +222,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _quiet_closed_loop_errors(previous):
-    """`sys.excepthook` without the "RuntimeError: Event loop is closed" tracebacks that a failed orbax restore's
-    still running concurrent reads print (each calls back into orbax's closed event loop)."""
-
-    def hook(kind, value, tb):
-        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-            previous(kind, value, tb)
-
-    return hook
 
 
 def _get(config: dict, path: tuple[str, ...]) -> Any:
