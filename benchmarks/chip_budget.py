@@ -43,23 +43,6 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 
 
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    out = {
-        "arguments_gib": m.argument_size_in_bytes / GiB,
-        "temporaries_gib": m.temp_size_in_bytes / GiB,
-        "outputs_gib": m.output_size_in_bytes / GiB,
-        "aliased_gib": m.alias_size_in_bytes / GiB,
-    }
-    out["total_gib"] = out["arguments_gib"] + out["temporaries_gib"] + out["outputs_gib"] - out["aliased_gib"]
-    return out
-
-
-def _kernels(compiled) -> list[str]:
-    """Custom-call targets of the compiled program: shows which attention kernel was really used."""
-    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
-
-
 class _Refused:
     """A program the TPU compiler refused for lack of HBM: what it said it needed stands in for the analysis."""
 
@@ -155,8 +138,8 @@ def train_budget(config, cfg, mesh) -> dict:
     state, frozen = args[:2]
     b = int(config.train.batch_size)
     return {
-        "memory": _memory(compiled),
-        "kernels": _kernels(compiled),
+        "memory": chips.memory_gib(compiled),
+        "kernels": chips.custom_calls(compiled),
         "refused": getattr(compiled, "message", None),
         "flops": _flops(*_flat(_train_program(config, cfg, mesh, "xla"))),
         "compile_s": seconds,
@@ -204,8 +187,8 @@ def sampler_budget(config, cfg, mesh, steps: int, cfg_guidance: bool) -> dict:
         compiled, seconds = _compile(jax.jit(fn), *args)
         flops = _flops(*_flat(_sampler_program(config, cfg, mesh, steps, cfg_guidance, "xla")))
     return {
-        "memory": _memory(compiled),
-        "kernels": _kernels(compiled),
+        "memory": chips.memory_gib(compiled),
+        "kernels": chips.custom_calls(compiled),
         "flops": flops,
         "compile_s": seconds,
         "images": mesh.size,
@@ -230,7 +213,7 @@ def vae_budget(config, mesh) -> dict:
     with jax.set_mesh(mesh):
         compiled, seconds = _compile(decode, state, latents)
         flops = _flops(decode, state, latents)
-    return {"memory": _memory(compiled), "flops": flops, "compile_s": seconds, "images": n}
+    return {"memory": chips.memory_gib(compiled), "flops": flops, "compile_s": seconds, "images": n}
 
 
 def budget(config, chip_name: str, devices: int, parts, layers: int = 0, transformer=None) -> dict:

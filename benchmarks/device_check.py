@@ -39,7 +39,6 @@ import gc
 import importlib.util
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -244,16 +243,8 @@ def _peak_gib() -> float | None:
 
 
 def _predicted_gib(compiled) -> float | None:
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-    return total / GiB
-
-
-def _kernels(compiled) -> list[str]:
-    """Custom-call targets of a compiled program: shows whether cuDNN flash attention (`fmha`) was used."""
-    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
+    m = chips.memory_gib(compiled)
+    return None if m is None else m["total_gib"]
 
 
 # --- models at random weights ---
@@ -433,7 +424,7 @@ def _ours_forward(cfg: MMDiTConfig, b: int, tokens: int, repeats: int) -> dict:
     compiled = fwd.lower(state, *inputs).compile()
     compile_s = time.perf_counter() - t0
     seconds = _median_s(lambda: compiled(state, *inputs).block_until_ready(), repeats, warmup=2)
-    return {"ms": seconds * 1e3, "compile_s": compile_s, "kernels": _kernels(compiled)}
+    return {"ms": seconds * 1e3, "compile_s": compile_s, "kernels": chips.custom_calls(compiled)}
 
 
 def _diffusers_forward(cfg: MMDiTConfig, b: int, tokens: int, repeats: int) -> dict:
@@ -598,7 +589,7 @@ def part_train(report: Report, sizes: Sizes, config, out: dict) -> None:
         compile_s=compile_s,
         tflop_per_step=flops / 1e12,
         predicted_gib=_predicted_gib(compiled),
-        flash_attention=any("fmha" in k for k in _kernels(compiled)),
+        flash_attention=any("fmha" in k for k in chips.custom_calls(compiled)),
     )
     report.line(
         "3 train compile",

@@ -26,26 +26,12 @@ import time
 
 from absl import flags
 
-from flowsteer_jax import cli
+from flowsteer_jax import chips, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("all", "throughput", "memory")
 
 GiB = 2**30
-
-
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    out = {
-        "arguments_gib": m.argument_size_in_bytes / GiB,
-        "outputs_gib": m.output_size_in_bytes / GiB,
-        "aliased_gib": m.alias_size_in_bytes / GiB,
-        "temporaries_gib": m.temp_size_in_bytes / GiB,
-    }
-    out["peak_gib"] = out["arguments_gib"] + out["outputs_gib"] - out["aliased_gib"] + out["temporaries_gib"]
-    return out
 
 
 def _batch(b, seq, joint, pooled, latent, dtype, rng):
@@ -115,7 +101,7 @@ def throughput(args) -> dict:
             "steps_per_s": 1 / dt,
             "windows_per_s": float(metrics["windows"]) / dt,
             "loss": float(metrics["loss"]),
-            "xla_memory": _memory(compiled),
+            "xla_memory": chips.memory_gib(compiled),
             "device_peak_gib": stats.get("peak_bytes_in_use", 0) / GiB or None,
         }
     if {"ota", "interpolate"} <= set(results):
@@ -188,7 +174,7 @@ def memory(args) -> dict:
             "lora": count(state["params"]["lora"]),
             "disc": count(state["params"]["disc"]),
         },
-        "per_device": _memory(compiled),
+        "per_device": chips.memory_gib(compiled),
         "lower_s": t1 - t0,
         "compile_s": t2 - t1,
     }

@@ -171,3 +171,27 @@ def _sub_jaxprs(params: dict, core) -> list:
             elif isinstance(v, core.Jaxpr):
                 found.append(v)
     return found
+
+
+def memory_gib(compiled) -> dict[str, float] | None:
+    """XLA's per-device memory of a compiled program, in GiB: arguments, temporaries, outputs, aliased (donated
+    outputs reusing argument buffers) and `total_gib` = arguments + temporaries + outputs - aliased. None when the
+    backend reports no analysis."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    out = {
+        "arguments_gib": m.argument_size_in_bytes / GiB,
+        "temporaries_gib": m.temp_size_in_bytes / GiB,
+        "outputs_gib": m.output_size_in_bytes / GiB,
+        "aliased_gib": m.alias_size_in_bytes / GiB,
+    }
+    out["total_gib"] = out["arguments_gib"] + out["temporaries_gib"] + out["outputs_gib"] - out["aliased_gib"]
+    return out
+
+
+def custom_calls(compiled) -> list[str]:
+    """Custom-call targets of a compiled program: shows which attention kernel was really used."""
+    import re
+
+    return sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
