@@ -21,14 +21,14 @@ from conversion import clip_model as clip_model_conv
 from flowsteer_jax.models.attention import check_implementation, dot_product_attention
 from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import linear
-from flowsteer_jax.models.loading import _place
+from flowsteer_jax.models.loading import load_weights
 from flowsteer_jax.models.text.clip import (
     CLIPMLP,
     CLIPAttention,
     CLIPTextConfig,
     CLIPTextTransformer,
-    _embed,
-    _layer_norm,
+    embedding,
+    torch_layer_norm,
 )
 from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes
 
@@ -88,9 +88,9 @@ class CLIPVisionEncoderLayer(nnx.Module):
 
     def __init__(self, cfg: CLIPVisionConfig, implementation: str | None, **kw):
         self.self_attn = CLIPVisionAttention(cfg, implementation, **kw)
-        self.layer_norm1 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.layer_norm1 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = CLIPMLP(cfg, **kw)
-        self.layer_norm2 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.layer_norm2 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -123,7 +123,7 @@ class CLIPVisionEmbeddings(nnx.Module):
             rngs=rngs,
             kernel_metadata={"logical_axes": (None, None, None, "embed")},
         )
-        self.position_embedding = _embed(cfg.num_positions, d, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.position_embedding = embedding(cfg.num_positions, d, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         b, h, w, _ = pixel_values.shape
@@ -146,9 +146,9 @@ class CLIPVisionTransformer(nnx.Module):
 
     def __init__(self, cfg: CLIPVisionConfig, implementation: str | None, **kw):
         self.embeddings = CLIPVisionEmbeddings(cfg, **kw)
-        self.pre_layrnorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # sic: transformers' name
+        self.pre_layrnorm = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # sic: transformers' name
         self.encoder = CLIPVisionEncoder(cfg, implementation, **kw)
-        self.post_layernorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.post_layernorm = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
     def __call__(self, pixel_values_nhwc: jax.Array) -> CLIPVisionOutput:
         h = self.pre_layrnorm(self.embeddings(pixel_values_nhwc))
@@ -247,4 +247,4 @@ def load_clip_model(
     def build() -> CLIPModel:
         return CLIPModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation)
 
-    return _place(build, folder, clip_model_conv.param_table(raw), config_path, dtype, mesh, rules)
+    return load_weights(build, folder, clip_model_conv.param_table(raw), config_path, dtype, mesh, rules)

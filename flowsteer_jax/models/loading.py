@@ -37,7 +37,7 @@ from flowsteer_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, current_mesh, variable_sharding
 
 
-def _place(
+def load_weights(
     build: Callable[[], nnx.Module],
     folder: str,
     table: Iterable[Entry],
@@ -46,6 +46,9 @@ def _place(
     mesh: Mesh | None,
     rules: Mapping[str, MeshAxes],
 ) -> nnx.Module:
+    """The module `build()` makes, with every weight read from `folder` through the key `table` (strict: one
+    ConversionError names every unknown, missing or mis-shaped key), one tensor at a time, cast to `dtype` and put
+    straight into its sharding on `mesh` (default: the one set with `jax.set_mesh`, else none)."""
     ckpt = open_checkpoint(folder)
     table = list(table)
     check_checkpoint(ckpt, table, config_path)
@@ -79,7 +82,7 @@ def load_transformer(
     def build() -> MMDiT:
         return MMDiT(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation, remat_policy=remat_policy)
 
-    return _place(build, folder, sd3_transformer.param_table(raw), config_path, dtype, mesh, rules)
+    return load_weights(build, folder, sd3_transformer.param_table(raw), config_path, dtype, mesh, rules)
 
 
 def read_lora(
@@ -164,7 +167,7 @@ def load_clip(
     def build() -> CLIPText:
         return CLIPText(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation)
 
-    return _place(build, folder, table, config_path, dtype, mesh, rules)
+    return load_weights(build, folder, table, config_path, dtype, mesh, rules)
 
 
 def load_t5(
@@ -186,7 +189,7 @@ def load_t5(
     def build() -> T5Encoder:
         return T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation)
 
-    return _place(build, folder, table, config_path, dtype, mesh, rules)
+    return load_weights(build, folder, table, config_path, dtype, mesh, rules)
 
 
 class TextEncoders(NamedTuple):
@@ -317,7 +320,7 @@ def load_vae(
     def build() -> AutoencoderKL:
         return AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype)
 
-    return _place(build, folder, vae_conv.param_table(raw), config_path, dtype, mesh, rules)
+    return load_weights(build, folder, vae_conv.param_table(raw), config_path, dtype, mesh, rules)
 
 
 def clip_state_dict(model: CLIPText) -> dict[str, np.ndarray]:

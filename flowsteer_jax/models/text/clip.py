@@ -52,7 +52,7 @@ class CLIPTextOutput(NamedTuple):
     hidden_states: tuple[jax.Array, ...]  # embeddings, then every layer's output (before final_layer_norm)
 
 
-def _layer_norm(dim: int, eps: float, **kw) -> nnx.LayerNorm:
+def torch_layer_norm(dim: int, eps: float, **kw) -> nnx.LayerNorm:
     # Two-pass variance as torch computes it: the default fast variance loses digits at large means.
     return nnx.LayerNorm(
         dim,
@@ -64,14 +64,14 @@ def _layer_norm(dim: int, eps: float, **kw) -> nnx.LayerNorm:
     )
 
 
-def _embed(n: int, dim: int, **kw) -> nnx.Embed:
+def embedding(n: int, dim: int, **kw) -> nnx.Embed:
     return nnx.Embed(n, dim, embedding_metadata={"logical_axes": (None, "embed")}, **kw)
 
 
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, **kw):
-        self.token_embedding = _embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.position_embedding = _embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.position_embedding = embedding(cfg.max_position_embeddings, cfg.hidden_size, **kw)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         n = input_ids.shape[-1]
@@ -113,9 +113,9 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
         self.self_attn = CLIPAttention(cfg, implementation, **kw)
-        self.layer_norm1 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.layer_norm1 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = CLIPMLP(cfg, **kw)
-        self.layer_norm2 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.layer_norm2 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -134,7 +134,7 @@ class CLIPTextTransformer(nnx.Module):
         self.eos_token_id = cfg.eos_token_id
         self.embeddings = CLIPTextEmbeddings(cfg, **kw)
         self.encoder = CLIPEncoder(cfg, implementation, **kw)
-        self.final_layer_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.final_layer_norm = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
     def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
         h = self.embeddings(input_ids)
