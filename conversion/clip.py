@@ -84,36 +84,52 @@ def torch_prefix(config: Mapping[str, Any], keys: Iterable[str] | None = None) -
     return "text_model." if keys is not None and any(k.startswith("text_model.") for k in keys) else ""
 
 
+class Tower:
+    """A CLIP tower's key table under construction: torch keys `{prefix}{key}.weight|bias` at Flax paths
+    `(root, *key, leaf)`. The text and vision towers (`conversion/clip_model.py`) share it and their encoder."""
+
+    def __init__(self, prefix: str, root: str, width: int):
+        self.prefix, self.root, self.width = prefix, root, width
+        self.table: list[Entry] = []
+
+    def add(self, key: str, leaf: str | None, shape: tuple[int, ...], kind: str = "same") -> None:
+        """One tensor; `leaf=None`: a bare parameter (torch key without `.weight`, Flax path without a leaf)."""
+        parts = tuple(int(s) if s.isdigit() else s for s in key.split("."))
+        suffix = "" if leaf is None else (".bias" if leaf == "bias" else ".weight")
+        path = (self.root, *parts) + (() if leaf is None else (leaf,))
+        self.table.append(Entry(f"{self.prefix}{key}{suffix}", path, shape, kind))
+
+    def linear(self, key: str, n_in: int, n_out: int) -> None:
+        self.add(key, "kernel", (n_out, n_in), "linear")
+        self.add(key, "bias", (n_out,))
+
+    def norm(self, key: str) -> None:
+        self.add(key, "scale", (self.width,))
+        self.add(key, "bias", (self.width,))
+
+    def encoder(self, num_layers: int, intermediate_size: int) -> None:
+        """`encoder.layers.*`: attention projections, two LayerNorms and the MLP of every layer."""
+        d = self.width
+        for i in range(num_layers):
+            layer = f"encoder.layers.{i}"
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                self.linear(f"{layer}.self_attn.{proj}", d, d)
+            self.norm(f"{layer}.layer_norm1")
+            self.linear(f"{layer}.mlp.fc1", d, intermediate_size)
+            self.linear(f"{layer}.mlp.fc2", intermediate_size, d)
+            self.norm(f"{layer}.layer_norm2")
+
+
 def param_table(config: Mapping[str, Any], prefix: str | None = None) -> list[Entry]:
     """Every tensor of the transformers state dict for this config, with its Flax path, shape and layout."""
     c = normalize_config(config)
-    prefix = torch_prefix(c) if prefix is None else prefix
-    d, ff = c["hidden_size"], c["intermediate_size"]
-    table: list[Entry] = []
-
-    def add(key: str, leaf: str, shape: tuple[int, ...], kind: str = "same") -> None:
-        path = ("text_model", *(int(s) if s.isdigit() else s for s in key.split(".")), leaf)
-        table.append(Entry(f"{prefix}{key}.{'weight' if leaf != 'bias' else 'bias'}", path, shape, kind))
-
-    def linear(key: str, n_in: int, n_out: int) -> None:
-        add(key, "kernel", (n_out, n_in), "linear")
-        add(key, "bias", (n_out,))
-
-    def norm(key: str) -> None:
-        add(key, "scale", (d,))
-        add(key, "bias", (d,))
-
-    add("embeddings.token_embedding", "embedding", (c["vocab_size"], d))
-    add("embeddings.position_embedding", "embedding", (c["max_position_embeddings"], d))
-    for i in range(c["num_hidden_layers"]):
-        layer = f"encoder.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{layer}.self_attn.{proj}", d, d)
-        norm(f"{layer}.layer_norm1")
-        linear(f"{layer}.mlp.fc1", d, ff)
-        linear(f"{layer}.mlp.fc2", ff, d)
-        norm(f"{layer}.layer_norm2")
-    norm("final_layer_norm")
+    d = c["hidden_size"]
+    tower = Tower(torch_prefix(c) if prefix is None else prefix, "text_model", d)
+    tower.add("embeddings.token_embedding", "embedding", (c["vocab_size"], d))
+    tower.add("embeddings.position_embedding", "embedding", (c["max_position_embeddings"], d))
+    tower.encoder(c["num_hidden_layers"], c["intermediate_size"])
+    tower.norm("final_layer_norm")
+    table = tower.table
     if c["architecture"] == "CLIPTextModelWithProjection":
         table.append(Entry("text_projection.weight", ("text_projection", "kernel"), (c["projection_dim"], d), "linear"))
     return table

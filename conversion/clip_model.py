@@ -97,38 +97,15 @@ def read_config(folder: str) -> tuple[dict[str, Any], str]:
 def vision_param_table(vision: Mapping[str, Any], prefix: str = "vision_model.") -> list[Entry]:
     """Every tensor of a transformers `CLIPVisionModel` body (without `visual_projection`)."""
     c = normalize_config(vision)
-    d, ff = c["hidden_size"], c["intermediate_size"]
-    table: list[Entry] = []
-
-    def add(key: str, leaf: str | None, shape: tuple[int, ...], kind: str = "same") -> None:
-        parts = tuple(int(s) if s.isdigit() else s for s in key.split("."))
-        suffix = "" if leaf is None else (".bias" if leaf == "bias" else ".weight")
-        path = ("vision_model", *parts) + (() if leaf is None else (leaf,))
-        table.append(Entry(f"{prefix}{key}{suffix}", path, shape, kind))
-
-    def linear(key: str, n_in: int, n_out: int) -> None:
-        add(key, "kernel", (n_out, n_in), "linear")
-        add(key, "bias", (n_out,))
-
-    def norm(key: str) -> None:
-        add(key, "scale", (d,))
-        add(key, "bias", (d,))
-
-    p = c["patch_size"]
-    add("embeddings.class_embedding", None, (d,))
-    add("embeddings.patch_embedding", "kernel", (d, c["num_channels"], p, p), "conv")
-    add("embeddings.position_embedding", "embedding", (num_positions(c), d))
-    norm("pre_layrnorm")  # sic: transformers' spelling
-    for i in range(c["num_hidden_layers"]):
-        layer = f"encoder.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{layer}.self_attn.{proj}", d, d)
-        norm(f"{layer}.layer_norm1")
-        linear(f"{layer}.mlp.fc1", d, ff)
-        linear(f"{layer}.mlp.fc2", ff, d)
-        norm(f"{layer}.layer_norm2")
-    norm("post_layernorm")
-    return table
+    d, p = c["hidden_size"], c["patch_size"]
+    tower = clip_text.Tower(prefix, "vision_model", d)
+    tower.add("embeddings.class_embedding", None, (d,))
+    tower.add("embeddings.patch_embedding", "kernel", (d, c["num_channels"], p, p), "conv")
+    tower.add("embeddings.position_embedding", "embedding", (num_positions(c), d))
+    tower.norm("pre_layrnorm")  # sic: transformers' spelling
+    tower.encoder(c["num_hidden_layers"], c["intermediate_size"])
+    tower.norm("post_layernorm")
+    return tower.table
 
 
 def param_table(config: Mapping[str, Any]) -> list[Entry]:

@@ -18,13 +18,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from conversion import clip_model as clip_model_conv
-from flowsteer_jax.models.attention import check_implementation, dot_product_attention
+from flowsteer_jax.models.attention import check_implementation
 from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import linear
 from flowsteer_jax.models.loading import load_weights
 from flowsteer_jax.models.text.clip import (
-    CLIPMLP,
-    CLIPAttention,
+    CLIPEncoder,
     CLIPTextConfig,
     CLIPTextTransformer,
     embedding,
@@ -73,37 +72,6 @@ class CLIPModelConfig:
         )
 
 
-class CLIPVisionAttention(CLIPAttention):
-    """`CLIPAttention`'s projections with bidirectional attention (every patch sees every patch)."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # noqa: E731
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = dot_product_attention(q, k, v, is_causal=False, implementation=self.implementation)
-        return self.out_proj(out.reshape(x.shape))
-
-
-class CLIPVisionEncoderLayer(nnx.Module):
-    """Same structure and names as the text encoder's `CLIPEncoderLayer`; attention is not causal."""
-
-    def __init__(self, cfg: CLIPVisionConfig, implementation: str | None, **kw):
-        self.self_attn = CLIPVisionAttention(cfg, implementation, **kw)
-        self.layer_norm1 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-        self.mlp = CLIPMLP(cfg, **kw)
-        self.layer_norm2 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPVisionEncoder(nnx.Module):
-    def __init__(self, cfg: CLIPVisionConfig, implementation: str | None, **kw):
-        self.layers = nnx.List(
-            [CLIPVisionEncoderLayer(cfg, implementation, **kw) for _ in range(cfg.num_hidden_layers)]
-        )
-
-
 class CLIPVisionEmbeddings(nnx.Module):
     """Patch conv (no bias), class token, learned position embeddings (no interpolation: fixed image size)."""
 
@@ -147,7 +115,7 @@ class CLIPVisionTransformer(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, implementation: str | None, **kw):
         self.embeddings = CLIPVisionEmbeddings(cfg, **kw)
         self.pre_layrnorm = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # sic: transformers' name
-        self.encoder = CLIPVisionEncoder(cfg, implementation, **kw)
+        self.encoder = CLIPEncoder(cfg, implementation, causal=False, **kw)
         self.post_layernorm = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
     def __call__(self, pixel_values_nhwc: jax.Array) -> CLIPVisionOutput:

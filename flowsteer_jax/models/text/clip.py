@@ -83,11 +83,11 @@ class CLIPTextEmbeddings(nnx.Module):
 
 
 class CLIPAttention(nnx.Module):
-    """Causal multi-head self-attention."""
+    """Multi-head self-attention: causal in the text tower, bidirectional in the vision tower (`models/clip_model`)."""
 
-    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
+    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, *, causal: bool = True, **kw):
         d = cfg.hidden_size
-        self.heads, self.implementation = cfg.num_attention_heads, implementation
+        self.heads, self.implementation, self.causal = cfg.num_attention_heads, implementation, causal
         self.q_proj = linear(d, d, ("embed", "heads"), **kw)
         self.k_proj = linear(d, d, ("embed", "heads"), **kw)
         self.v_proj = linear(d, d, ("embed", "heads"), **kw)
@@ -96,7 +96,7 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.implementation)
         return self.out_proj(out.reshape(x.shape))
 
 
@@ -111,8 +111,8 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
-        self.self_attn = CLIPAttention(cfg, implementation, **kw)
+    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, *, causal: bool = True, **kw):
+        self.self_attn = CLIPAttention(cfg, implementation, causal=causal, **kw)
         self.layer_norm1 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = CLIPMLP(cfg, **kw)
         self.layer_norm2 = torch_layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
@@ -123,8 +123,9 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class CLIPEncoder(nnx.Module):
-    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, **kw):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, implementation, **kw) for _ in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: CLIPTextConfig, implementation: str | None, *, causal: bool = True, **kw):
+        layers = [CLIPEncoderLayer(cfg, implementation, causal=causal, **kw) for _ in range(cfg.num_hidden_layers)]
+        self.layers = nnx.List(layers)
 
 
 class CLIPTextTransformer(nnx.Module):
