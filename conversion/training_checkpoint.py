@@ -158,11 +158,16 @@ def drop_closed_loop_noise() -> None:
     sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
 
 
+def error_cause(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` of a read failure on one line, cut to `limit` characters (orbax's run to pages)."""
+    cause = " ".join(f"{type(e).__name__}: {e}".split())
+    return cause if len(cause) <= limit else cause[: limit - 3] + "..."
+
+
 def unreadable(directory: str, step: int, e: BaseException) -> CheckpointError:
     """The CheckpointError for a step that exists on disk but cannot be read, listing the other steps."""
     others = [s for s in _steps_on_disk(directory)[0] if s != step]
-    cause = " ".join(f"{type(e).__name__}: {e}".split())
-    cause = cause if len(cause) <= 300 else cause[:297] + "..."
+    cause = error_cause(e)
     return CheckpointError(
         f"{os.path.join(directory, str(step))}: step {step} cannot be read ({cause}); "
         f"other steps on disk: {others or 'none'}; nothing was deleted"

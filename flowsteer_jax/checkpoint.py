@@ -30,7 +30,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from conversion.training_checkpoint import CHECKPOINTS, META, STATE, CheckpointError, drop_closed_loop_noise
+from conversion.training_checkpoint import (
+    CHECKPOINTS,
+    META,
+    STATE,
+    CheckpointError,
+    drop_closed_loop_noise,
+    error_cause,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +137,6 @@ class Checkpointer:
         """The refusal of a step that cannot be read: names it, says what failed and how to go on."""
         steps = self.manager.all_steps()
         older = [s for s in steps if s < step]
-        reason = " ".join(f"{type(error).__name__}: {error}".split())
         hint = (
             f"resume from an older step with --config.checkpoint.resume_step=N (steps on disk: {sorted(steps)}; "
             f"e.g. {max(older)}: the newer steps are then moved to {self.set_aside_dir}/, never deleted)"
@@ -140,7 +146,7 @@ class Checkpointer:
         )
         return CheckpointError(
             f"cannot read checkpoint step {step} in {self.directory}: its {what} failed to load "
-            f"({reason[:300]}); nothing was deleted; {hint}"
+            f"({error_cause(error)}); nothing was deleted; {hint}"
         )
 
     @property
