@@ -36,7 +36,7 @@ from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS, Cond, model_velocit
 from flowsteer_jax.flow.schedules import KINDS, scheduler_settings
 from flowsteer_jax.flow.schedules import sigmas as make_sigmas
 from flowsteer_jax.models.loading import load_transformer, load_vae, pipeline_component, read_lora
-from flowsteer_jax.models.lora import set_lora
+from flowsteer_jax.models.lora import remove_lora, set_lora
 from flowsteer_jax.models.mmdit import MMDiT
 from flowsteer_jax.models.vae import AutoencoderKL
 from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, batch_sharding, current_mesh, make_mesh
@@ -166,6 +166,12 @@ class SD3Pipeline:
         self._refresh_transformer()
         return adapted
 
+    def remove_lora(self) -> list[str]:
+        """Back to the base transformer (the adapters `load_lora` set are dropped); returns the paths it touched."""
+        removed = remove_lora(self.transformer)
+        self._refresh_transformer()
+        return removed
+
     # --- helpers ---
 
     def sigmas(self, num_inference_steps: int, schedule: str = "diffusers") -> np.ndarray:
@@ -194,9 +200,10 @@ class SD3Pipeline:
             sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.device_put(tree, sharding)
 
-    def noise(self, shape: tuple[int, ...], seed: int) -> jax.Array:
-        """Standard normal NCHW noise; image `i` depends only on (seed, i), not on the batch size."""
-        keys = jax.random.split(jax.random.key(seed), shape[0])
+    def noise(self, shape: tuple[int, ...], seed: int, start: int = 0) -> jax.Array:
+        """Standard normal NCHW noise for images `start, ..., start + shape[0] - 1`; image `i` depends only on
+        (seed, i), not on the batch size or how a prompt list is cut into batches."""
+        keys = jax.random.split(jax.random.key(seed), start + shape[0])[start:]
         return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys)
 
     # --- sampling ---
@@ -209,6 +216,7 @@ class SD3Pipeline:
         schedule: str = "diffusers",
         latents: Any = None,
         seed: int = 0,
+        first_index: int = 0,
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -222,6 +230,8 @@ class SD3Pipeline:
           prompts: a prompt or a list of prompts.
           schedule: "diffusers" (bit-compatible with `FlowMatchEulerDiscreteScheduler`) or "rectified".
           latents: optional NCHW starting noise (numpy, JAX or torch), diffusers' layout; else from `seed`.
+          first_index: the global index of the first image (its noise is `noise(..., seed, first_index)`), so a
+            prompt list sampled batch by batch gets the same images as in one call.
           guidance_scale: CFG weight; `<= 1` disables CFG (one forward per step), as in diffusers.
 
         Returns:
@@ -243,7 +253,7 @@ class SD3Pipeline:
         )
         shape = self._latent_shape(batch, height, width)
         if latents is None:
-            latents = self.noise(shape, seed)
+            latents = self.noise(shape, seed, first_index)
         else:
             if hasattr(latents, "detach"):  # a torch tensor
                 latents = latents.detach().float().cpu().numpy()

@@ -13,8 +13,9 @@ extension) is taken as the prompt itself. A missing prompt file or model folder,
 Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress bar over batches. `--lora` applies
 a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an exported folder
 (`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
-Image `i` uses noise from (`seed + i // batch`, `i % batch`), so reruns are reproducible. On a CPU-only machine
-the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag already set there wins).
+Image `i` uses noise (`seed`, `i`) whatever `--batch` is, so reruns (and other models) compare image for image.
+On a CPU-only machine the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag
+already set there wins).
 Without SD3 weights, try it on a tiny random pipeline: `python -m flowsteer_jax.tools.tiny_model --out=DIR`.
 """
 
@@ -113,32 +114,48 @@ def _main(args) -> int:
         except (ConversionError, FileNotFoundError) as e:
             raise InputError(f"--lora={args.lora}: {e}") from e
         print(f"applied LoRA {args.lora} to {len(adapted)} layers (scale {args.lora_scale:g})", file=sys.stderr)
-    images: list[Image.Image] = []
-    batches = range(0, len(prompts), args.batch)
-    for k, start in enumerate(tqdm(batches, desc=f"sampling {len(prompts)} prompts", unit="batch")):
-        chunk = prompts[start : start + args.batch]
-        padded = chunk + [chunk[-1]] * (args.batch - len(chunk))  # one batch shape: compiled once
-        out = pipe(
-            padded,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            schedule=args.schedule,
-            seed=args.seed + k,
-            height=args.height,
-            width=args.width,
-            negative_prompt=args.negative_prompt,
-            max_sequence_length=args.max_sequence_length,
-            output_type="pil",
-        )
-        for i, im in enumerate(out[: len(chunk)]):
-            im.save(os.path.join(args.out, f"{start + i:05d}.png"))
-            images.append(im)
+    paths = write_images(
+        pipe,
+        prompts,
+        args.out,
+        batch=args.batch,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        schedule=args.schedule,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative_prompt,
+        max_sequence_length=args.max_sequence_length,
+    )
+    images = [Image.open(p) for p in paths]
     pixels = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images])
     save_grid(os.path.join(args.out, "grid.png"), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
     with open(os.path.join(args.out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     print(f"wrote {len(images)} images and grid.png to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     return 0
+
+
+def write_images(pipe, prompts: list[str], out: str, *, batch: int, seed: int, desc: str = "", **sampling) -> list[str]:
+    """Sample `prompts` with `pipe` in batches of `batch` and write `out/00000.png`, ... (prompt order).
+
+    Image `i` starts from `pipe.noise(..., seed, i)`: the same image whatever the batch size, and the same noise for
+    every model sampled with the same seed (teacher and student compare image for image). The last batch is padded
+    with its last prompt, so every call has one shape (one compile). `sampling`: `SD3Pipeline.__call__` keywords.
+    Returns the written paths.
+    """
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    starts = range(0, len(prompts), batch)
+    for start in tqdm(starts, desc=desc or f"sampling {len(prompts)} prompts", unit="batch"):
+        chunk = prompts[start : start + batch]
+        padded = chunk + [chunk[-1]] * (batch - len(chunk))
+        images = pipe(padded, seed=seed, first_index=start, output_type="pil", **sampling)
+        for i, im in enumerate(images[: len(chunk)]):
+            paths.append(os.path.join(out, f"{start + i:05d}.png"))
+            im.save(paths[-1])
+    return paths
 
 
 def run() -> int:

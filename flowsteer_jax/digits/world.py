@@ -120,32 +120,75 @@ def evaluate_models(config: ml_collections.ConfigDict, workdir: str, student: nn
         metrics[name] = {
             **evaluate.evaluate(images[name], ev.digits, ref),
             "nfe": nfe,
+            "steps": steps,
             "schedule": schedule,
             "guidance": guidance,
         }
     return metrics
 
 
-REPORT_ROWS = (
-    ("teacher_28_diffusers", "teacher, 28 steps, diffusers schedule, CFG"),
-    ("teacher_4_diffusers", "teacher, 4 steps, diffusers schedule, CFG"),
-    ("teacher_4_rectified", "teacher, 4 steps, rectified schedule, CFG"),
-    ("teacher_4_rectified_nocfg", "teacher, 4 steps, rectified schedule, no CFG"),
-    ("student_4", "FlowSteer student, 4 steps, no CFG"),
+REPORT_ROWS = {
+    "teacher_28_diffusers": "teacher, 28 steps, diffusers schedule, CFG",
+    "teacher_4_diffusers": "teacher, 4 steps, diffusers schedule, CFG",
+    "teacher_4_rectified": "teacher, 4 steps, rectified schedule, CFG",
+    "teacher_4_rectified_nocfg": "teacher, 4 steps, rectified schedule, no CFG",
+}
+# The digits world's columns in `flowsteer_jax.evaluate`'s table: (metric key, header, format).
+COLUMNS = (
+    ("accuracy", "prompt accuracy", lambda v: f"{v:.3f}"),
+    ("fd", "FD (classifier features)", lambda v: f"{v:.2f}"),
+    ("mse_to_reference", "MSE to teacher-28", lambda v: f"{v:.4f}"),
 )
 
 
+def report_rows(metrics: dict) -> list[dict]:
+    """`evaluate_models`' metrics as `flowsteer_jax.evaluate` rows (label, NFE as steps x passes, metrics)."""
+    from flowsteer_jax.evaluate import nfe
+
+    rows = []
+    for name, m in metrics.items():
+        label = REPORT_ROWS.get(name) or f"FlowSteer student, {m['steps']} steps, no CFG"
+        keep = {k: v for k, v in m.items() if k not in ("nfe", "steps", "schedule", "guidance")}
+        prov = {"row": name, "schedule": m["schedule"], "guidance": m["guidance"]}
+        rows.append({"label": label, "nfe": nfe(m["steps"], m["guidance"]), "metrics": keep, "provenance": prov})
+    return rows
+
+
 def metrics_table(metrics: dict) -> str:
-    lines = [
-        "| samples | NFE | prompt accuracy | FD (classifier features) | MSE to teacher-28 |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, label in REPORT_ROWS:
-        if name in metrics:
-            m = metrics[name]
-            mse = f"{m['mse_to_reference']:.4f}" if "mse_to_reference" in m else "—"
-            lines.append(f"| {label} | {m['nfe']} | {m['accuracy']:.3f} | {m['fd']:.2f} | {mse} |")
-    return "\n".join(lines)
+    from flowsteer_jax.evaluate import markdown_table
+
+    return markdown_table(report_rows(metrics), COLUMNS)
+
+
+def report_header(config: ml_collections.ConfigDict) -> str:
+    return (
+        "# FlowSteer in the digits world\n\n"
+        f"Evaluation: {config.digits.eval_samples} fixed prompts and noises; prompt accuracy = both digits right "
+        "(classifier trained on the training split), FD against held-out real pairs."
+    )
+
+
+def evaluate_run(workdir: str) -> tuple[list[dict], str]:
+    """`python -m flowsteer_jax.evaluate --digits=WORKDIR`: the teacher rows and the run's latest student, scored
+    as the trainer's report does; (rows for `flowsteer_jax.evaluate`, the report's header)."""
+    from conversion.errors import InputError
+    from flowsteer_jax.models.loading import read_lora
+    from flowsteer_jax.models.lora import set_lora
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise InputError(f"--digits={workdir}: no config.json (not a training workdir)")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.get("world") != "digits":
+        raise InputError(f"{path}: world={config.get('world')!r}, not a digits-world run")
+    folder = teacher_dir(config, workdir)
+    if not teacher.is_complete(folder):
+        raise InputError(f"{folder}: no complete teacher (train the run first)")
+    student = load_transformer(folder)
+    set_lora(student, *read_lora(workdir, student.config))
+    metrics = evaluate_models(config, workdir, student)
+    return report_rows(metrics), report_header(config)
 
 
 def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module, stats: dict) -> dict:
@@ -157,10 +200,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module,
         json.dump(out, f, indent=2)
     d = config.distill
     lines = [
-        "# FlowSteer in the digits world",
-        "",
-        f"Evaluation: {config.digits.eval_samples} fixed prompts and noises; prompt accuracy = both digits right "
-        "(classifier trained on the training split), FD against held-out real pairs.",
+        report_header(config),
         "",
         metrics_table(metrics),
         "",
@@ -172,7 +212,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module,
         f"{tmeta.get('train_seconds', 0):.0f} s to pretrain.",
         "",
         "Grids (first 32 evaluation prompts, same noise in every grid): "
-        + ", ".join(f"`samples/{name}.png`" for name, _ in REPORT_ROWS if name in metrics),
+        + ", ".join(f"`samples/{name}.png`" for name in metrics),
     ]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,0 +1,526 @@
+r"""Score a model the way the paper does: PickScore, HPSv2, CLIP score (and FID/KID against real images).
+
+    python -m flowsteer_jax.evaluate --model=SD3_DIR [--lora=RUN_OR_FILE ...] --prompts=FILE --steps=4 \
+        --guidance=0 --schedule=rectified --metrics=pickscore,hps,clip,fid,kid --weights=DIR [--ref=IMAGES] \
+        --out=DIR
+    python -m flowsteer_jax.evaluate --images=DIR [--images=DIR2 ...] [--prompts=FILE] --weights=DIR --out=DIR
+    python -m flowsteer_jax.evaluate --digits=RUN_DIR --out=DIR      # the digits world's own metrics
+
+Rows: every `--model` (each `--lora`, `none` = the base, gives a row of its own), or every `--images` folder
+(another method's outputs, scored the same way; prompts from `--prompts` or the folder's `prompts.txt`, in file
+order). Sampling writes `DIR/<row>/00000.png, ...` with fixed noise: image `i` starts from (`--seed`, `i`) for every
+row, so rows compare image for image. Each row's per-image scores go to `DIR/<row>/scores.csv`; `DIR/results.json`
+(rows with provenance: weight hashes, preprocessing, resolution, prompt-file hash, seeds) and `DIR/results.md` (a
+table like the paper's: method, NFE, metrics) keep the rows of earlier runs into the same `--out` (a row of the
+same name is replaced), so a 28-step CFG teacher and 4-step students run as separate commands end in one table.
+
+`--weights=DIR` holds the upstream files under their upstream names (see README "Evaluation"):
+`clip-vit-large-patch14/` and `PickScore_v1/` (transformers folders), `HPS_v2.1_compressed.pt` or
+`HPS_v2_compressed.pt` (HPSv2; the CLIP folder's tokenizer serves it), `pt_inception-2015-12-05-6726825d.pth`
+(pytorch-fid). A `.pt`/`.pth` is converted once to a `.safetensors` beside it (needs torch that one time); a
+`.safetensors` conversion alone is enough. Nothing is ever downloaded. `--metrics` defaults to every metric the
+weights folder allows (FID and KID only with `--ref`).
+
+Scales (as the paper's tables): `pickscore` = mean exp(logit_scale) cos, `hps` = 100 x mean cos (HPSv2),
+`clip_score` = mean 100 max(cos, 0), `fid`, `kid` (unbiased MMD, polynomial kernel; the table shows KID x 10^3).
+The last stdout line is one JSON object with one key per metric of the last row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from absl import flags
+from PIL import Image
+from tqdm import tqdm
+
+from conversion.errors import InputError
+from flowsteer_jax import cli
+
+PROG = "flowsteer_jax.evaluate"
+# flag name -> the JSON key of the metric and its column header
+METRICS = {
+    "pickscore": ("pickscore", "PickScore"),
+    "hps": ("hps", "HPSv2"),
+    "clip": ("clip_score", "CLIP"),
+    "fid": ("fid", "FID"),
+    "kid": ("kid", "KID x10^3"),
+}
+TEXT_METRICS = ("pickscore", "hps", "clip")
+# Folders whose tokenizer is OpenAI's CLIP BPE (open_clip's too), in the order HPSv2 looks for one.
+HPS_TOKENIZER_FOLDERS = ("clip-vit-large-patch14", "CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore_v1")
+CHUNK = 64  # images held in memory at a time while scoring
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- which metrics the weights allow, and the scorers ---
+
+
+def _hps_tokenizer(weights: str):
+    from transformers import CLIPTokenizer
+
+    for name in HPS_TOKENIZER_FOLDERS:
+        folder = os.path.join(weights, name)
+        if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+            return CLIPTokenizer.from_pretrained(folder), name
+    raise InputError(
+        f"--weights={weights}: HPSv2 needs OpenAI's CLIP tokenizer (vocab.json + merges.txt) in one of "
+        f"{', '.join(HPS_TOKENIZER_FOLDERS)}/ (the CLIP-L folder has it)"
+    )
+
+
+def available_metrics(weights: str | None, ref: str | None) -> list[str]:
+    """The metrics whose files are in `weights` (FID/KID also need `ref`), in `METRICS` order."""
+    if not weights:
+        return []
+    from flowsteer_jax.evaluation import clip_scores, fid, hps
+
+    def has(*names: str) -> bool:
+        return any(os.path.exists(os.path.join(weights, n)) for n in names)
+
+    def with_conversions(names: Sequence[str]) -> list[str]:
+        return [*names, *(os.path.splitext(n)[0] + ".safetensors" for n in names)]
+
+    found = {
+        "pickscore": has(clip_scores.PICKSCORE_FOLDER),
+        "hps": has(*with_conversions(hps.WEIGHT_NAMES)),
+        "clip": has(clip_scores.CLIP_FOLDER),
+        "fid": ref is not None and has(*with_conversions([fid.WEIGHT_NAME])),
+    }
+    found["kid"] = found["fid"]
+    return [m for m in METRICS if found[m]]
+
+
+class Scorers:
+    """The loaded scorers for a set of metrics: `score(images, prompts)` -> per-image scores and Inception features."""
+
+    def __init__(self, metrics: Sequence[str], weights: str, *, batch_size: int = 32):
+        from flowsteer_jax.evaluation import clip_scores, fid, hps
+
+        self.metrics, self.text, self.inception = list(metrics), {}, None
+        for m in self.metrics:
+            if m == "pickscore":
+                self.text[m] = clip_scores.PickScorer.from_weights(weights, batch_size=batch_size)
+            elif m == "clip":
+                self.text[m] = clip_scores.ClipScorer.from_weights(weights, batch_size=batch_size)
+            elif m == "hps":
+                tokenizer, tok_folder = _hps_tokenizer(weights)
+                self.text[m] = hps.HPSScorer.from_weights(weights, tokenizer, batch_size=batch_size)
+                self.text[m].provenance = {**self.text[m].provenance, "tokenizer": tok_folder}
+        if "fid" in self.metrics or "kid" in self.metrics:
+            self.inception = fid.InceptionFeatures.from_weights(weights, batch_size=batch_size)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        out = {m: s.provenance for m, s in self.text.items()}
+        if self.inception is not None:
+            out["inception"] = self.inception.provenance
+        return out
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Per-image scores on the tables' scale (`hps` x 100) and, for FID/KID, `features` (N, 2048)."""
+        out = {}
+        for m, scorer in self.text.items():
+            s = np.asarray(scorer(images, prompts), np.float64)
+            out[m] = 100.0 * s if m == "hps" else s
+        if self.inception is not None:
+            out["features"] = self.inception(images)
+        return out
+
+
+def summarize(per_image: dict[str, np.ndarray], ref_features: np.ndarray | None, metrics: Sequence[str]) -> dict:
+    """Row metrics (JSON keys of `METRICS`) from accumulated per-image scores; `kid_std` beside `kid`."""
+    from flowsteer_jax.evaluation import fid
+
+    out = {}
+    for m in metrics:
+        key = METRICS[m][0]
+        if m in TEXT_METRICS:
+            out[key] = float(np.mean(per_image[m]))
+        elif m == "fid":
+            out[key] = float(fid.fid(per_image["features"], ref_features))
+        elif m == "kid":
+            mean, std = fid.kid(per_image["features"], ref_features)
+            out[key], out["kid_std"] = float(mean), float(std)
+    return out
+
+
+def score_files(
+    files: Sequence[str], prompts: Sequence[str] | None, scorers: Scorers, *, desc: str
+) -> dict[str, np.ndarray]:
+    """Score image files in chunks of `CHUNK` (memory stays flat for 10k images); concatenated per-image arrays."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in tqdm(range(0, len(files), CHUNK), desc=desc, unit="chunk"):
+        chunk = files[start : start + CHUNK]
+        images = [_open_rgb(p) for p in chunk]
+        texts = prompts[start : start + CHUNK] if prompts is not None else [""] * len(chunk)
+        for k, v in scorers.score(images, texts).items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise InputError(f"{path}: not a readable image ({e})") from e
+
+
+# --- the report: results.json + results.md, rows accumulated per --out ---
+
+
+def nfe(steps: int, guidance: float) -> str:
+    """The paper's "steps x CFG passes"."""
+    return f"{steps}x{2 if guidance > 1 else 1}"
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, Callable[[float], str]]]) -> str:
+    """`| method | NFE | <columns> |`; `columns`: (JSON key, header, formatter); a missing value shows as —."""
+    lines = [
+        "| method | NFE | " + " | ".join(h for _, h, _ in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for r in rows:
+        cells = [fmt(r["metrics"][k]) if k in r["metrics"] else "—" for k, _, fmt in columns]
+        lines.append(f"| {r['label']} | {r.get('nfe', '—')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sd3_columns(rows: Sequence[dict]) -> list[tuple[str, str, Callable[[float], str]]]:
+    present = {k for r in rows for k in r["metrics"]}
+    fmts = {"kid": lambda v: f"{1e3 * v:.2f}", "fid": lambda v: f"{v:.2f}"}
+    hps_versions = sorted({r["provenance"].get("hps_version") for r in rows} - {None})
+    cols = []
+    for key, header in METRICS.values():
+        if key in present:
+            if key == "hps" and hps_versions:
+                header = "HPS" + "/".join(hps_versions)
+            cols.append((key, header, fmts.get(key, lambda v: f"{v:.2f}")))
+    return cols
+
+
+def write_report(out: str, new_rows: Sequence[dict], *, columns=None, header: str = "") -> list[dict]:
+    """Merge `new_rows` into `out/results.json` (same label: replaced), write `out/results.md`; all rows back."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    rows: list[dict] = []
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                rows = json.load(f)["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{path}: unreadable results of an earlier run ({e}); move it away or pick --out") from e
+    labels = {r["label"] for r in new_rows}
+    rows = [r for r in rows if r["label"] not in labels] + list(new_rows)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"rows": rows}, f, indent=2)
+    os.replace(tmp, path)
+    table = markdown_table(rows, columns if columns is not None else _sd3_columns(rows))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write((header + "\n\n" if header else "") + table + "\n")
+    return rows
+
+
+def _write_scores_csv(path: str, files: Sequence[str], prompts: Sequence[str] | None, per_image: dict) -> None:
+    keys = [m for m in METRICS if m in per_image]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "prompt", *(METRICS[m][0] for m in keys)])
+        for i, p in enumerate(files):
+            w.writerow([os.path.basename(p), prompts[i] if prompts else "", *(f"{per_image[m][i]:.6f}" for m in keys)])
+
+
+# --- flags ---
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_multi_string("model", [], "diffusers SD3 pipeline folder; repeat for several", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "lora", [], "student LoRA (training workdir, exported folder, .safetensors) or `none`; repeat", flag_values=fv
+    )
+    flags.DEFINE_multi_string("images", [], "score this folder's images instead of sampling; repeat", flag_values=fv)
+    flags.DEFINE_string("digits", None, "a digits-world training workdir: its own metrics", flag_values=fv)
+    flags.DEFINE_list("labels", [], "row names (default: from the lora / model / folder)", flag_values=fv)
+    flags.DEFINE_string("prompts", None, "prompt file (.txt, .jsonl, .parquet)", flag_values=fv)
+    flags.DEFINE_integer("limit", 0, "use only the first N prompts (0: all)", flag_values=fv)
+    flags.DEFINE_list("metrics", [], f"subset of {','.join(METRICS)} (default: what --weights allows)", flag_values=fv)
+    flags.DEFINE_string("weights", None, "folder of the metrics' upstream weight files", flag_values=fv)
+    flags.DEFINE_string("ref", None, "folder of reference (real) images for FID/KID", flag_values=fv)
+    flags.DEFINE_string("out", None, "output folder (images, scores, results.json, results.md)", flag_values=fv)
+    flags.DEFINE_integer("steps", 4, "inference steps", flag_values=fv)
+    flags.DEFINE_float("guidance", 0.0, "CFG scale (<= 1: no CFG)", flag_values=fv)
+    flags.DEFINE_enum("schedule", "rectified", ["rectified", "diffusers"], "sigma schedule", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", None, "negative prompt (with CFG)", flag_values=fv)
+    flags.DEFINE_integer("batch", 4, "images per sampling call (the last one is padded)", flag_values=fv)
+    flags.DEFINE_integer("score_batch", 32, "images per scoring call", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "noise seed: image i starts from (seed, i) in every row", flag_values=fv)
+    flags.DEFINE_integer("height", None, "image height (default: the model's)", flag_values=fv)
+    flags.DEFINE_integer("width", None, "image width (default: the model's)", flag_values=fv)
+    flags.DEFINE_integer("max_sequence_length", 256, "T5 tokens", flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "sampling compute dtype", flag_values=fv)
+    flags.DEFINE_bool("no_t5", False, "sample without the T5 encoder", flag_values=fv)
+    flags.DEFINE_bool("resample", False, "sample again even where DIR/<row>/ holds the images", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli.parse(define_flags, argv, prog=PROG, doc=__doc__)
+    modes = [bool(args.model), bool(args.images), args.digits is not None]
+    if sum(modes) != 1:
+        cli.fail(PROG, "give --model (sampling), --images (existing images) or --digits (a digits run), one kind")
+    if args.out is None:
+        cli.fail(PROG, "--out is required")
+    unknown = [m for m in args.metrics if m not in METRICS]
+    if unknown:
+        cli.fail(PROG, f"--metrics: unknown {unknown}; choose from {list(METRICS)}")
+    if args.lora and not args.model:
+        cli.fail(PROG, "--lora needs --model (the base it applies to)")
+    return cli.run(PROG, lambda: _main(args))
+
+
+def _row_specs(args) -> list[dict]:
+    """One dict per row: label, and model + lora (sampling) or folder (images)."""
+    if args.images:
+        specs = [{"folder": f, "label": os.path.basename(os.path.normpath(f))} for f in args.images]
+    else:
+        specs = []
+        for model in args.model:
+            for lora in args.lora or ["none"]:
+                lora = None if lora == "none" else lora
+                name = os.path.basename(os.path.normpath(lora or model))
+                specs.append({"model": model, "lora": lora, "label": name})
+    if args.labels:
+        if len(args.labels) != len(specs):
+            raise InputError(f"--labels has {len(args.labels)} names for {len(specs)} rows")
+        for s, label in zip(specs, args.labels, strict=True):
+            s["label"] = label
+    seen = [s["label"] for s in specs]
+    dupes = sorted({x for x in seen if seen.count(x) > 1})
+    if dupes:
+        raise InputError(f"two rows are named {dupes}: name them with --labels")
+    return specs
+
+
+def _prompts(args, folder: str | None) -> tuple[list[str] | None, str | None]:
+    """The prompts and the file they came from (`--prompts`, else `folder/prompts.txt` for --images rows)."""
+    from flowsteer_jax.data import DataError, load_prompts
+
+    path = args.prompts
+    if path is None and folder is not None and os.path.isfile(os.path.join(folder, "prompts.txt")):
+        path = os.path.join(folder, "prompts.txt")
+    if path is None:
+        return None, None
+    if not os.path.isfile(path):
+        raise InputError(f"--prompts={path}: no such prompt file")
+    try:
+        prompts = load_prompts(path)
+    except DataError as e:
+        raise InputError(f"--prompts: {e}") from e
+    return (prompts[: args.limit] if args.limit > 0 else prompts), path
+
+
+def _main(args) -> int:
+    if args.digits is not None:
+        return _main_digits(args)
+    if args.weights is not None and not os.path.isdir(args.weights):
+        raise InputError(f"--weights={args.weights}: no such folder")
+    if args.ref is not None and not os.path.isdir(args.ref):
+        raise InputError(f"--ref={args.ref}: no such folder")
+    metrics = list(args.metrics) or available_metrics(args.weights, args.ref)
+    if not metrics:
+        raise InputError(
+            "no metric to compute: --weights holds none of the metrics' files (see --help), or give --metrics"
+        )
+    if args.weights is None:
+        raise InputError(f"--metrics={','.join(metrics)} needs --weights=DIR (the upstream weight files)")
+    if ("fid" in metrics or "kid" in metrics) and args.ref is None:
+        raise InputError("--metrics fid/kid need --ref=IMAGES_DIR (the real images to compare with)")
+    specs = _row_specs(args)
+    t0 = time.perf_counter()
+    scorers = Scorers(metrics, args.weights, batch_size=args.score_batch)
+    print(f"loaded {', '.join(metrics)} scorers in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    ref_features, ref_info = None, None
+    if scorers.inception is not None:
+        from flowsteer_jax.evaluation.fid import image_files
+
+        ref_files = image_files(args.ref)
+        ref_features = scorers.inception(_progress_images(ref_files, "reference features"))
+        ref_info = {"folder": os.path.abspath(args.ref), "images": len(ref_files)}
+
+    rows = []
+    pipe = None
+    for spec in specs:
+        prompts, prompt_file = _prompts(args, spec.get("folder"))
+        row_dir = os.path.join(args.out, spec["label"])
+        prov: dict[str, Any] = {"scorers": scorers.provenance, "ref": ref_info}
+        if "hps" in scorers.text:
+            prov["hps_version"] = scorers.text["hps"].provenance.get("version")
+        if "folder" in spec:
+            from flowsteer_jax.evaluation.fid import image_files
+
+            files = image_files(spec["folder"])
+            if prompts is not None and len(prompts) != len(files):
+                raise InputError(
+                    f"--images={spec['folder']}: {len(files)} images but {len(prompts)} prompts in {prompt_file} "
+                    "(image k, in file-name order, is scored against prompt k)"
+                )
+            prov["images"] = {"folder": os.path.abspath(spec["folder"]), "count": len(files)}
+            row = {"label": spec["label"], "nfe": "—"}
+        else:
+            if prompts is None:
+                raise InputError("sampling needs --prompts=FILE")
+            pipe, files, sample_prov = _sample_row(args, spec, prompts, row_dir, pipe)
+            prov.update(sample_prov)
+            row = {"label": spec["label"], "nfe": nfe(args.steps, args.guidance)}
+        if any(m in TEXT_METRICS for m in metrics) and prompts is None:
+            raise InputError(f"{', '.join(m for m in metrics if m in TEXT_METRICS)} need prompts: give --prompts")
+        if prompt_file is not None:
+            prov["prompts"] = {"file": os.path.abspath(prompt_file), "sha256": sha256_file(prompt_file)}
+            prov["prompts"]["count"] = len(prompts)
+        per_image = score_files(files, prompts, scorers, desc=f"scoring {spec['label']}")
+        row["metrics"] = summarize(per_image, ref_features, metrics)
+        row["provenance"] = prov
+        os.makedirs(row_dir, exist_ok=True)
+        _write_scores_csv(os.path.join(row_dir, "scores.csv"), files, prompts, per_image)
+        rows.append(row)
+        write_report(args.out, [row])  # after every row: nothing lost if a later row fails
+    all_rows = write_report(args.out, [])
+    print(markdown_table(all_rows, _sd3_columns(all_rows)), file=sys.stderr)
+    print(f"wrote {os.path.join(args.out, 'results.md')} and results.json", file=sys.stderr)
+    last = rows[-1]["metrics"]
+    print(json.dumps({METRICS[m][0]: last[METRICS[m][0]] for m in metrics}))
+    return 0
+
+
+def _progress_images(files: Sequence[str], desc: str) -> list[Image.Image]:
+    return [_open_rgb(p) for p in tqdm(files, desc=desc, unit="img")]
+
+
+def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):
+    """Sample `prompts` for one row into `row_dir` (reusing images already there unless --resample).
+
+    `pipe`: (model folder, SD3Pipeline) of the previous row, reused for the same `--model`. Returns the pipe, the
+    image files and the row's sampling provenance."""
+    import jax.numpy as jnp
+
+    from conversion.errors import ConversionError
+    from conversion.safetensors_io import weights_fingerprint
+    from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline, pipeline_component
+    from flowsteer_jax.pipeline import SD3Pipeline
+    from flowsteer_jax.sample import write_images
+
+    settings = {
+        "model": os.path.abspath(spec["model"]),
+        "lora": os.path.abspath(spec["lora"]) if spec["lora"] else None,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "schedule": args.schedule,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "height": args.height,
+        "width": args.width,
+        "max_sequence_length": args.max_sequence_length,
+        "t5": not args.no_t5,
+        "negative_prompt": args.negative_prompt,
+        "prompts": len(prompts),
+    }
+    stamp = os.path.join(row_dir, "sampling.json")
+    files = [os.path.join(row_dir, f"{i:05d}.png") for i in range(len(prompts))]
+    if not args.resample and os.path.isfile(stamp) and all(os.path.isfile(f) for f in files):
+        with open(stamp) as f:
+            done = json.load(f)
+        if done.get("settings") == settings:
+            print(
+                f"{spec['label']}: reusing the {len(files)} images in {row_dir} (--resample to redo)", file=sys.stderr
+            )
+            return pipe, files, done["provenance"]
+    if spec["lora"] is not None and not os.path.exists(spec["lora"]):
+        raise InputError(f"--lora={spec['lora']}: no such file or folder")
+    if pipe is None or pipe[0] != spec["model"]:
+        pipe = None  # one pipeline in memory at a time
+        skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
+        check_pipeline(spec["model"], [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+        pipe = (spec["model"], SD3Pipeline.from_pretrained(spec["model"], dtype=dtype, t5=not args.no_t5))
+    model, sd3 = pipe
+    if spec["lora"] is None:
+        sd3.remove_lora()
+    else:
+        try:
+            sd3.load_lora(spec["lora"])
+        except (ConversionError, FileNotFoundError) as e:
+            raise InputError(f"--lora={spec['lora']}: {e}") from e
+    height = args.height or sd3.default_sample_size * sd3.vae_scale_factor
+    width = args.width or sd3.default_sample_size * sd3.vae_scale_factor
+    write_images(
+        sd3,
+        prompts,
+        row_dir,
+        batch=args.batch,
+        seed=args.seed,
+        desc=f"sampling {spec['label']}",
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        schedule=args.schedule,
+        height=height,
+        width=width,
+        negative_prompt=args.negative_prompt,
+        max_sequence_length=args.max_sequence_length,
+    )
+    prov = {
+        "sampling": {**settings, "height": height, "width": width},
+        "transformer_fingerprint": weights_fingerprint(pipeline_component(spec["model"], "transformer")),
+    }
+    if spec["lora"] is not None:
+        lora = spec["lora"]
+        prov["lora_sha256"] = sha256_file(lora) if os.path.isfile(lora) else None
+    with open(stamp, "w") as f:
+        json.dump({"settings": settings, "provenance": prov}, f, indent=2)
+    return pipe, files, prov
+
+
+# --- the digits world ---
+
+
+def _main_digits(args) -> int:
+    from flowsteer_jax.digits.world import evaluate_run
+
+    rows, header = evaluate_run(args.digits)
+    columns = [
+        ("accuracy", "prompt accuracy", lambda v: f"{v:.3f}"),
+        ("fd", "FD (classifier features)", lambda v: f"{v:.2f}"),
+        ("mse_to_reference", "MSE to teacher-28", lambda v: f"{v:.4f}"),
+    ]
+    all_rows = write_report(args.out, rows, columns=columns, header=header)
+    print(markdown_table(all_rows, columns), file=sys.stderr)
+    last = rows[-1]["metrics"]
+    print(json.dumps({k: last[k] for k, _, _ in columns if k in last}))
+    return 0
+
+
+def run() -> int:
+    """The program (`python -m flowsteer_jax.evaluate`, `flowsteer-evaluate`)."""
+    from flowsteer_jax.xla_cpu import use_inference_flags
+
+    use_inference_flags()
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())
