@@ -29,7 +29,6 @@ The last stdout line is one JSON object with one key per metric of the last row.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import sys
@@ -37,149 +36,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
 from conversion.errors import InputError
+from conversion.torch_files import sha256 as sha256_file
 from flowsteer_jax import cli
+from flowsteer_jax.evaluation.metrics import (
+    METRICS,
+    TEXT_METRICS,
+    Scorers,
+    available_metrics,
+    open_rgb,
+    score_files,
+    summarize,
+)
 
 PROG = "flowsteer_jax.evaluate"
-# flag name -> the JSON key of the metric and its column header
-METRICS = {
-    "pickscore": ("pickscore", "PickScore"),
-    "hps": ("hps", "HPSv2"),
-    "clip": ("clip_score", "CLIP"),
-    "fid": ("fid", "FID"),
-    "kid": ("kid", "KID x10^3"),
-}
-TEXT_METRICS = ("pickscore", "hps", "clip")
-# Folders whose tokenizer is OpenAI's CLIP BPE (open_clip's too), in the order HPSv2 looks for one.
-HPS_TOKENIZER_FOLDERS = ("clip-vit-large-patch14", "CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore_v1")
-CHUNK = 64  # images held in memory at a time while scoring
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# --- which metrics the weights allow, and the scorers ---
-
-
-def _hps_tokenizer(weights: str):
-    from transformers import CLIPTokenizer
-
-    for name in HPS_TOKENIZER_FOLDERS:
-        folder = os.path.join(weights, name)
-        if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
-            return CLIPTokenizer.from_pretrained(folder), name
-    raise InputError(
-        f"--weights={weights}: HPSv2 needs OpenAI's CLIP tokenizer (vocab.json + merges.txt) in one of "
-        f"{', '.join(HPS_TOKENIZER_FOLDERS)}/ (the CLIP-L folder has it)"
-    )
-
-
-def available_metrics(weights: str | None, ref: str | None) -> list[str]:
-    """The metrics whose files are in `weights` (FID/KID also need `ref`), in `METRICS` order."""
-    if not weights:
-        return []
-    from flowsteer_jax.evaluation import clip_scores, fid, hps
-
-    def has(*names: str) -> bool:
-        return any(os.path.exists(os.path.join(weights, n)) for n in names)
-
-    def with_conversions(names: Sequence[str]) -> list[str]:
-        return [*names, *(os.path.splitext(n)[0] + ".safetensors" for n in names)]
-
-    found = {
-        "pickscore": has(clip_scores.PICKSCORE_FOLDER),
-        "hps": has(*with_conversions(hps.WEIGHT_NAMES)),
-        "clip": has(clip_scores.CLIP_FOLDER),
-        "fid": ref is not None and has(*with_conversions([fid.WEIGHT_NAME])),
-    }
-    found["kid"] = found["fid"]
-    return [m for m in METRICS if found[m]]
-
-
-class Scorers:
-    """The loaded scorers for a set of metrics: `score(images, prompts)` -> per-image scores and Inception features."""
-
-    def __init__(self, metrics: Sequence[str], weights: str, *, batch_size: int = 32):
-        from flowsteer_jax.evaluation import clip_scores, fid, hps
-
-        self.metrics, self.text, self.inception = list(metrics), {}, None
-        for m in self.metrics:
-            if m == "pickscore":
-                self.text[m] = clip_scores.PickScorer.from_weights(weights, batch_size=batch_size)
-            elif m == "clip":
-                self.text[m] = clip_scores.ClipScorer.from_weights(weights, batch_size=batch_size)
-            elif m == "hps":
-                tokenizer, tok_folder = _hps_tokenizer(weights)
-                self.text[m] = hps.HPSScorer.from_weights(weights, tokenizer, batch_size=batch_size)
-                self.text[m].provenance = {**self.text[m].provenance, "tokenizer": tok_folder}
-        if "fid" in self.metrics or "kid" in self.metrics:
-            self.inception = fid.InceptionFeatures.from_weights(weights, batch_size=batch_size)
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        out = {m: s.provenance for m, s in self.text.items()}
-        if self.inception is not None:
-            out["inception"] = self.inception.provenance
-        return out
-
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Per-image scores on the tables' scale (`hps` x 100) and, for FID/KID, `features` (N, 2048)."""
-        out = {}
-        for m, scorer in self.text.items():
-            s = np.asarray(scorer(images, prompts), np.float64)
-            out[m] = 100.0 * s if m == "hps" else s
-        if self.inception is not None:
-            out["features"] = self.inception(images)
-        return out
-
-
-def summarize(per_image: dict[str, np.ndarray], ref_features: np.ndarray | None, metrics: Sequence[str]) -> dict:
-    """Row metrics (JSON keys of `METRICS`) from accumulated per-image scores; `kid_std` beside `kid`."""
-    from flowsteer_jax.evaluation import fid
-
-    out = {}
-    for m in metrics:
-        key = METRICS[m][0]
-        if m in TEXT_METRICS:
-            out[key] = float(np.mean(per_image[m]))
-        elif m == "fid":
-            out[key] = float(fid.fid(per_image["features"], ref_features))
-        elif m == "kid":
-            mean, std = fid.kid(per_image["features"], ref_features)
-            out[key], out["kid_std"] = float(mean), float(std)
-    return out
-
-
-def score_files(
-    files: Sequence[str], prompts: Sequence[str] | None, scorers: Scorers, *, desc: str
-) -> dict[str, np.ndarray]:
-    """Score image files in chunks of `CHUNK` (memory stays flat for 10k images); concatenated per-image arrays."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(files), CHUNK), desc=desc, unit="chunk"):
-        chunk = files[start : start + CHUNK]
-        images = [_open_rgb(p) for p in chunk]
-        texts = prompts[start : start + CHUNK] if prompts is not None else [""] * len(chunk)
-        for k, v in scorers.score(images, texts).items():
-            parts.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def _open_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise InputError(f"{path}: not a readable image ({e})") from e
 
 
 # --- the report: results.json + results.md, rows accumulated per --out ---
@@ -409,7 +283,7 @@ def _main(args) -> int:
 
 
 def _progress_images(files: Sequence[str], desc: str) -> list[Image.Image]:
-    return [_open_rgb(p) for p in tqdm(files, desc=desc, unit="img")]
+    return [open_rgb(p) for p in tqdm(files, desc=desc, unit="img")]
 
 
 def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):

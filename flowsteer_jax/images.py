@@ -18,8 +18,9 @@ def grid(images: np.ndarray, cols: int, border: int = 2) -> np.ndarray:
     return out
 
 
-def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1, border: int = 2) -> None:
-    """NHWC images in [0, 1] -> one PNG grid, each pixel `scale` x `scale` (written atomically)."""
+def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1, border: int = 2) -> np.ndarray:
+    """NHWC images in [0, 1] -> one PNG grid, each pixel `scale` x `scale` (written atomically); its RGB uint8 HWC
+    pixels back (for TensorBoard)."""
     from PIL import Image
 
     pixels = np.round(grid(images, cols, border) * 255).astype(np.uint8)
@@ -29,3 +30,4 @@ def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1, bord
     tmp = path + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels

@@ -54,6 +54,7 @@ from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.config import validate, validate_batch
 from flowsteer_jax.distill.ota import window_boundaries
+from flowsteer_jax.evaluation.metrics import eval_scorer
 from flowsteer_jax.flow.sampling import model_velocity
 from flowsteer_jax.flow.sampling import sample as flow_sample
 from flowsteer_jax.images import save_grid
@@ -233,6 +234,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         rep = parallel.replicated(mesh)
         eval_inputs = [jax.device_put(np.asarray(v), rep) for v in (noise, e["prompt_embeds"], e["pooled"])]
 
+    # eval.metrics: loaded once, on the process that logs (the scorers' own jitted models on its devices).
+    score_eval = None
+    if is_main and eval_prompts:
+        score_eval = eval_scorer(str(config.eval.metrics), config.eval.weights, config.eval.ref)
+
     def evaluate(step: int) -> None:
         if eval_inputs is None:
             return
@@ -240,12 +246,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if is_main:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             images = world.decode(latents)
-            save_grid(
+            grid = save_grid(
                 os.path.join(workdir, "samples", f"step_{step:07d}.png"),
                 images,
                 cols=min(4, len(images)),
                 scale=max(1, 256 // max(images.shape[1:3])),
             )
+            scores = dict(world.score(images)) if world.score is not None else {}
+            if score_eval is not None:
+                scores.update(score_eval(images, eval_prompts))
+            if writer is not None:
+                writer.add_image("eval/samples", grid, step, dataformats="HWC")
+                for k, v in scores.items():
+                    writer.add_scalar(f"eval/{k}", v, step)
+            if scores:
+                log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
     writer = None
     if is_main:

@@ -62,6 +62,7 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         latent_shape=data.IMAGE_SHAPE,
         x0=lambda idx: pool.images[idx],
         eval_prompts=ev.prompts,
+        score=lambda images: {"accuracy": float((evaluate.classify(images) == ev.digits).all(1).mean())},
         finish=report,
         fingerprint=f"digits-text{d.text_seed}-pool{d.pool_seed}-{d.pool_size}",
     )

@@ -26,7 +26,11 @@ Shape (all keys always present; `configs/` files override values, never add keys
 - `data.prompts`: a .txt / .jsonl / .parquet prompt file (`flowsteer_jax/data.py`); `data.shuffle`;
   `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5 tokens);
   `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there).
-- `eval.every_steps` (0: only at the end), `eval.prompts` (fixed prompts of the sample grid), `eval.seed`.
+- `eval.every_steps` (0: only at the end), `eval.prompts` (fixed prompts of the sample grid), `eval.seed`;
+  `eval.metrics`: scores of those samples logged to TensorBoard (`eval/<metric>`) with the grid: "auto" (every
+  metric `eval.weights` allows, plus the world's own, e.g. the digits world's prompt accuracy), "" (none), or a
+  comma list of `flowsteer_jax.evaluate.METRICS` names; `eval.weights` (the evaluate command's `--weights` folder),
+  `eval.ref` (real images for FID/KID).
 - `distributed.coordinator_address` ("" = single process unless `distributed.auto`), `distributed.num_processes`,
   `distributed.process_id`, `distributed.auto` (`jax.distributed.initialize()` from the environment: TPU pods,
   SLURM, ...).
@@ -61,6 +65,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from conversion.errors import InputError
+from flowsteer_jax.evaluation.metrics import METRICS
 from flowsteer_jax.models.lora import DEFAULT_TARGETS
 from flowsteer_jax.parallel import DEFAULT_RULES
 
@@ -100,7 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(prompts="", shuffle=True, negative_prompt="", max_sequence_length=256, cache_embeddings=False)
     )
-    c.eval = ml_collections.ConfigDict(dict(every_steps=500, prompts=EVAL_PROMPTS, seed=1234))
+    c.eval = ml_collections.ConfigDict(
+        dict(every_steps=500, prompts=EVAL_PROMPTS, seed=1234, metrics="auto", weights="", ref="")
+    )
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0, auto=False))
     c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=64.0, targets=DEFAULT_TARGETS, dtype="float32"))
     c.distill = ml_collections.ConfigDict(
@@ -192,6 +199,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     number("eval.seed", 0, integer=True)
     if isinstance(config.eval.prompts, str) or not all(isinstance(p, str) for p in config.eval.prompts):
         out.append(f"eval.prompts={config.eval.prompts!r} must be a sequence of strings")
+    metrics = config.eval.metrics
+    names = [] if not isinstance(metrics, str) or metrics == "auto" else [m for m in metrics.split(",") if m]
+    if not isinstance(metrics, str) or any(m not in METRICS for m in names):
+        out.append(f"eval.metrics={metrics!r} must be 'auto', '' or a comma list of {list(METRICS)}")
     number("distributed.num_processes", 1, integer=True)
     number("distributed.process_id", 0, integer=True)
     d = config.distributed

@@ -41,6 +41,9 @@ class World:
     finish: Callable[..., Any] | None = None  # after training, every process: (config, workdir, student, stats)
     fingerprint: str = ""  # identifies prompts + encoder for the embedding cache
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS  # the base's scheduler's (sigma -> model timestep)
+    # The world's own scores of the eval samples (NHWC images in [0, 1], in eval-prompt order), logged beside
+    # `eval.metrics`; None: none.
+    score: Callable[[np.ndarray], dict[str, float]] | None = None
 
 
 def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
