@@ -18,6 +18,7 @@ with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
 PROGRAMS = (
     "flowsteer_jax.export",
     "flowsteer_jax.sample",
+    "flowsteer_jax.evaluate",
     "flowsteer_jax.digits.ablate",
     "flowsteer_jax.tools.tiny_model",
     "benchmarks.sampling",
