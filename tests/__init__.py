@@ -1,0 +1,1 @@
+"""The test suite (a regular package: `.refs/` holds a `tests` package of its own, from torch-fidelity)."""
