@@ -29,25 +29,14 @@ from flowsteer_jax.evaluation.clip_scores import (
     ImagePreprocessing,
     PickScorer,
 )
-from flowsteer_jax.tools.randomize import randomize_
 from flowsteer_jax.tools.tiny_pipeline import clip_tokenizer
+from tests.torch_reference import randomize_, rel_err, to_np
 
 IMAGE_SIZE = 32
 MAX_POSITIONS = 24  # not the tokenizer's 77: the scorer must pad to the model's length
 # (height, width): non-square both ways, smaller and larger than the model's 32, one exactly 32, odd sizes.
 SIZES = [(50, 70), (20, 45), (97, 33), (32, 32), (64, 64), (33, 100), (17, 19)]
 PROMPTS = ["a photo of a cat", "a red cube", "the blue sphere", "a dog on the cube", "digit", "a cat and a dog", "red"]
-
-
-def rel_err(ours, ref) -> float:
-    """max |ours - ref| / max |ref| (tests/torch_reference.py's; not imported from there because .refs/ installs a
-    regular `tests` package that shadows this namespace directory)."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def to_np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
 
 
 def tiny_clip(seed: int) -> TorchCLIPModel:
