@@ -181,3 +181,15 @@ def test_bad_configs_are_named(tmp_path, edit, message):
     path.write_text(json.dumps(edit(TINY)))
     with pytest.raises(ConversionError, match=message):
         load_open_clip_model(str(tmp_path / "none.safetensors"), str(path))
+
+
+def test_packed_entries_round_trip(tiny_file):
+    """`to_torch_state` concatenates q/k/v back into `in_proj_*`: the loaded model exports to the file, bit for bit."""
+    from conversion.table import to_torch_state
+    from flowsteer_jax.models.loading import flat_params
+
+    state = to_torch_state(flat_params(load_open_clip_model(tiny_file, TINY)), open_clip_conv.param_table(TINY))
+    want = load_file(tiny_file)
+    assert set(state) == set(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(state[k].reshape(v.shape), v, err_msg=k)  # logit_scale: () here, (1,) on disk
