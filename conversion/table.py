@@ -43,19 +43,35 @@ LAYOUTS: dict[str, tuple[Callable, Callable, Callable]] = {
 
 @dataclass(frozen=True)
 class Entry:
+    """`part=(i, n)`: this Flax parameter is the i-th of n equal slices along axis 0 of a packed torch tensor
+    (open_clip's `in_proj_weight` holds q, k and v); `torch_shape` stays the packed tensor's, so the strict checks
+    see one key, and `to_torch_state` concatenates the parts back."""
+
     torch_key: str
     flax_path: FlaxPath
     torch_shape: tuple[int, ...]
     kind: str = "same"
+    part: tuple[int, int] | None = None
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        """The torch shape of this entry's slice (the whole tensor when it is not packed)."""
+        if self.part is None:
+            return self.torch_shape
+        return (self.torch_shape[0] // self.part[1], *self.torch_shape[1:])
 
     @property
     def flax_shape(self) -> tuple[int, ...]:
-        return tuple(LAYOUTS[self.kind][2](self.torch_shape))
+        return tuple(LAYOUTS[self.kind][2](self.part_shape))
 
     def to_flax(self, w: np.ndarray) -> np.ndarray:
+        if self.part is not None:
+            n = self.part_shape[0]
+            w = w[self.part[0] * n : (self.part[0] + 1) * n]
         return LAYOUTS[self.kind][0](w)
 
     def to_torch(self, w: np.ndarray) -> np.ndarray:
+        """The torch layout of `w`: the slice `part` names, for a packed entry."""
         return np.ascontiguousarray(LAYOUTS[self.kind][1](w))
 
 
@@ -103,4 +119,12 @@ def to_torch_state(flat: Mapping[FlaxPath, np.ndarray], table: Iterable[Entry]) 
         if p in flat and tuple(np.shape(flat[p])) != e.flax_shape
     ]
     _report("Flax parameters do not match the config", problems)
-    return {e.torch_key: e.to_torch(np.asarray(flat[e.flax_path])) for e in table}
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for e in table:
+        parts.setdefault(e.torch_key, []).append(
+            (e.part[0] if e.part else 0, e.to_torch(np.asarray(flat[e.flax_path])))
+        )
+    return {
+        k: v[0][1] if len(v) == 1 else np.concatenate([w for _, w in sorted(v, key=lambda p: p[0])])
+        for k, v in parts.items()
+    }

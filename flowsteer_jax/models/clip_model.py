@@ -9,15 +9,21 @@ attention projections, with bidirectional attention. Images are NHWC here; trans
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from safetensors import safe_open
 
 from conversion import clip_model as clip_model_conv
+from conversion import open_clip as open_clip_conv
+from conversion.safetensors_io import Checkpoint, ConversionError
+from conversion.table import check_checkpoint
 from flowsteer_jax.models.attention import check_implementation
 from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import linear
@@ -29,7 +35,7 @@ from flowsteer_jax.models.text.clip import (
     embedding,
     torch_layer_norm,
 )
-from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes
+from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, current_mesh, variable_sharding
 
 
 @schema_dataclass(clip_model_conv.DEFAULTS)
@@ -216,3 +222,51 @@ def load_clip_model(
         return CLIPModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation)
 
     return load_weights(build, folder, clip_model_conv.param_table(raw), config_path, dtype, mesh, rules)
+
+
+def load_open_clip_model(
+    path: str,
+    config: str | Mapping[str, Any] | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, MeshAxes] = DEFAULT_RULES,
+    implementation: str | None = None,
+) -> CLIPModel:
+    """An open_clip `CLIP` state dict saved as one `.safetensors` file (`conversion.torch_files` converts an
+    upstream `.pt`) -> `CLIPModel`. `config`: an open_clip model-config JSON path or dict; None: ViT-H-14 (HPSv2).
+
+    Strict as `load_clip_model`: one ConversionError names every unknown, missing or mis-shaped tensor.
+    """
+    if isinstance(config, str):
+        cfg, config_source = open_clip_conv.read_config(config), config
+    else:
+        cfg = open_clip_conv.normalize_config(config)
+        config_source = "the open_clip ViT-H-14 config" if config is None else "the open_clip config"
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such safetensors file")
+    try:
+        with safe_open(path, framework="np") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001  (safetensors raises several types for a bad header; the cause is kept)
+        raise ConversionError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    ckpt = open_clip_conv.checkpoint_view(Checkpoint(path, dict.fromkeys(shapes, path), shapes), cfg)
+    table = open_clip_conv.param_table(cfg)
+    check_checkpoint(ckpt, table, config_source)
+    model_cfg = CLIPModelConfig.from_normalized(cfg)
+    mesh = mesh if mesh is not None else current_mesh()
+    # `load_weights` without its folder lookup: a weights folder may hold several files (HPS v2 and v2.1).
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: CLIPModel(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation))
+    )
+    variables = dict(nnx.to_flat_state(state))
+    unfilled = sorted(".".join(map(str, p)) for p in set(variables) - {e.flax_path for e in table})
+    if unfilled:  # a variable no tensor fills would silently keep its random init
+        raise ValueError(f"{config_source}: model variables with no checkpoint entry: {unfilled}")
+    with safe_open(path, framework="np") as f:
+        for entry in table:
+            var = variables[entry.flax_path]
+            value = np.asarray(entry.to_flax(f.get_tensor(entry.torch_key))).astype(dtype, copy=False)
+            value = value.reshape(entry.flax_shape)  # a (1,) logit_scale (checkpoint_view); sizes were checked
+            var.set_value(jax.device_put(value, variable_sharding(var, mesh, rules) if mesh is not None else None))
+    return nnx.merge(graphdef, nnx.from_flat_state(variables))
