@@ -279,8 +279,8 @@ def buffer_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 def checkpoint_view(ckpt: Checkpoint, config: Mapping[str, Any]) -> Checkpoint:
     """`ckpt` as the strict check should see it: without the `BUFFERS` whose shape fits `config` (a mis-shaped one
     stays, to be reported), and with a one-element `logit_scale` read as the scalar it is. (1,) is what open_clip's
-    `nonscalar_logit_scale` saves, and what `conversion.torch_files.convert` writes for a 0-d tensor (its
-    `np.ascontiguousarray` makes every array at least 1-d); the loader reshapes the value to the model's ()."""
+    `nonscalar_logit_scale` saves (and what other converters may write for a 0-d tensor); the loader reshapes the
+    value to the model's ()."""
     shapes = buffer_shapes(config)
     drop = {k for k in BUFFERS if k in ckpt.files and ckpt.shape(k) == shapes[k]}
     view = {k: s for k, s in ckpt.shapes.items() if k not in drop}

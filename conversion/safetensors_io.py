@@ -152,7 +152,7 @@ def save_checkpoint(
         if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][key] = np.ascontiguousarray(value)
+        shards[-1][key] = np.asarray(value, order="C")  # keeps 0-d tensors 0-d (ascontiguousarray makes them (1,))
         size += nbytes
     if len(shards) == 1:
         names = [f"{name}.safetensors"]

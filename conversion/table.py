@@ -72,7 +72,7 @@ class Entry:
 
     def to_torch(self, w: np.ndarray) -> np.ndarray:
         """The torch layout of `w`: the slice `part` names, for a packed entry."""
-        return np.ascontiguousarray(LAYOUTS[self.kind][1](w))
+        return np.asarray(LAYOUTS[self.kind][1](w), order="C")
 
 
 def path_str(path: FlaxPath) -> str:

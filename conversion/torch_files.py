@@ -72,7 +72,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 def convert(path: str, out: str | None = None) -> str:
     """Write `path`'s tensors as safetensors (default: beside it) with the source's name and sha256 as metadata."""
     out = out or safetensors_path(path)
-    tensors = {k: np.ascontiguousarray(v) for k, v in read_state_dict(path).items()}
+    tensors = {k: np.asarray(v, order="C") for k, v in read_state_dict(path).items()}
     tmp = f"{out}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata={"source": os.path.basename(path), "source_sha256": sha256(path)})
     os.replace(tmp, out)

@@ -20,7 +20,7 @@ from transformers import CLIPTokenizer
 
 from conversion.errors import InputError
 from flowsteer_jax.evaluation.hps import WEIGHT_NAMES, HPSScorer, preprocess
-from flowsteer_jax.tools.randomize import randomize_
+from tests.torch_reference import randomize_
 
 SIZE = 32
 TINY = {  # the real vocabulary and context (the tokenizers are compared end to end), tiny widths

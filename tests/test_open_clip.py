@@ -16,21 +16,7 @@ from conversion import open_clip as open_clip_conv
 from conversion.safetensors_io import ConversionError
 from conversion.torch_files import convert
 from flowsteer_jax.models.clip_model import CLIPModel, load_open_clip_model
-from flowsteer_jax.tools.randomize import randomize_
-
-# Not `tests.torch_reference`: torch-fidelity 0.4.0 installs a top-level `tests` package into .refs/, and a regular
-# package wins over our namespace `tests/`, so `import tests.torch_reference` fails under pytest.
-
-
-def to_np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
-def rel_err(ours, ref) -> float:
-    """max |ours - ref| / max |ref|."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
+from tests.torch_reference import randomize_, rel_err, to_np
 
 VOCAB, CTX = 64, 12
 TINY = {

@@ -23,6 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ftfy
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,20 +64,11 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
     return (out - OPENAI_MEAN) / OPENAI_STD
 
 
-def _ftfy() -> Any:
-    try:
-        import ftfy
-    except ImportError:  # a test dependency, not a runtime one; without it mojibake/fullwidth text may tokenise apart
-        return None
-    return ftfy
-
-
 def clean(text: str) -> str:
-    """open_clip's `basic_clean` + `whitespace_clean`: ftfy (when installed), HTML entities unescaped twice, runs of
+    """open_clip's `basic_clean` + `whitespace_clean`: ftfy, HTML entities unescaped twice, runs of
     whitespace collapsed. transformers' CLIPTokenizer does only the whitespace and lower-casing part, so without
     this `&amp;`, fullwidth letters or mojibake would tokenise differently from HPSv2."""
-    fix = _ftfy()
-    text = fix.fix_text(text) if fix is not None else text
+    text = ftfy.fix_text(text)
     return " ".join(html.unescape(html.unescape(text)).split())
 
 
@@ -165,7 +157,7 @@ class HPSScorer:
             "preprocessing": PREPROCESSING,
             "image_size": model.config.vision.image_size,
             "tokenizer": f"CLIP BPE, context {model.config.text.max_position_embeddings}, EOT kept last, 0-padded",
-            "text_cleaning": "ftfy + html.unescape x2 + whitespace" if _ftfy() else "html.unescape x2 + whitespace",
+            "text_cleaning": "ftfy + html.unescape x2 + whitespace",
             "score": "cosine of the normalised image and text features (no logit scale)",
             "dtype": jnp.dtype(dtype).name,
         }
