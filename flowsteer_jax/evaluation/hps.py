@@ -137,9 +137,13 @@ class HPSScorer:
         dtype: jnp.dtype = jnp.float32,
     ) -> HPSScorer:
         """`weights_dir` holds `WEIGHT_NAMES` (or their `.safetensors` conversions); `config`: an open_clip model
-        config (path or dict) instead of ViT-H-14, for tests. `tokenizer`: a transformers CLIPTokenizer (the OpenAI
-        BPE: SD3's CLIP-L tokenizer folder serves)."""
+        config (path or dict) instead of ViT-H-14, for tests; by default a JSON of the weights' stem beside them
+        (`HPS_v2.1_compressed.json`) if there is one, else ViT-H-14. `tokenizer`: a transformers CLIPTokenizer (the
+        OpenAI BPE: SD3's CLIP-L tokenizer folder serves)."""
         path = find_weights(weights_dir)
+        beside = os.path.splitext(path)[0] + ".json"
+        if config is None and os.path.isfile(beside):
+            config = beside
         model = load_open_clip_model(path, config, dtype)
         with safe_open(path, framework="np") as f:
             meta = f.metadata() or {}
@@ -153,7 +157,7 @@ class HPSScorer:
             "source_sha256": meta.get("source_sha256"),
             "backbone": "open_clip ViT-H-14"
             if config is None
-            else f"open_clip ({config if isinstance(config, str) else 'custom config'})",
+            else f"open_clip ({os.path.basename(config) if isinstance(config, str) else 'custom config'})",
             "preprocessing": PREPROCESSING,
             "image_size": model.config.vision.image_size,
             "tokenizer": f"CLIP BPE, context {model.config.text.max_position_embeddings}, EOT kept last, 0-padded",
