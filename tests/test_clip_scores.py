@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPProcessor
+from transformers import CLIPImageProcessor, CLIPProcessor
 from transformers import CLIPModel as TorchCLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -29,43 +29,12 @@ from flowsteer_jax.evaluation.clip_scores import (
     ImagePreprocessing,
     PickScorer,
 )
-from flowsteer_jax.tools.tiny_pipeline import clip_tokenizer
-from tests.torch_reference import randomize_, rel_err, to_np
+from tests.eval_weights import IMAGE_SIZE, MAX_POSITIONS, save_processor, tiny_clip
+from tests.torch_reference import rel_err, to_np
 
-IMAGE_SIZE = 32
-MAX_POSITIONS = 24  # not the tokenizer's 77: the scorer must pad to the model's length
 # (height, width): non-square both ways, smaller and larger than the model's 32, one exactly 32, odd sizes.
 SIZES = [(50, 70), (20, 45), (97, 33), (32, 32), (64, 64), (33, 100), (17, 19)]
 PROMPTS = ["a photo of a cat", "a red cube", "the blue sphere", "a dog on the cube", "digit", "a cat and a dog", "red"]
-
-
-def tiny_clip(seed: int) -> TorchCLIPModel:
-    tok = clip_tokenizer()
-    torch.manual_seed(seed)
-    common = dict(num_hidden_layers=2, hidden_act="quick_gelu")
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=48,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_POSITIONS,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=1,
-            **common,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=40, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, **common
-        ),
-        projection_dim=24,
-    )
-    return randomize_(TorchCLIPModel(cfg).eval(), seed)
-
-
-def save_processor(folder, **image_kw) -> None:
-    kw = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **image_kw)
-    CLIPProcessor(image_processor=CLIPImageProcessor(**kw), tokenizer=clip_tokenizer()).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

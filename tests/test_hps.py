@@ -20,7 +20,7 @@ from transformers import CLIPTokenizer
 
 from conversion.errors import InputError
 from flowsteer_jax.evaluation.hps import WEIGHT_NAMES, HPSScorer, preprocess
-from tests.torch_reference import randomize_
+from tests.eval_weights import save_hps
 
 SIZE = 32
 TINY = {  # the real vocabulary and context (the tokenizers are compared end to end), tiny widths
@@ -105,16 +105,6 @@ def images(seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def save_hps(folder, name: str, seed: int) -> open_clip.CLIP:
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY).eval()
-    mask = model.attn_mask.clone()
-    randomize_(model, seed)
-    model.attn_mask.copy_(mask)  # derived, not a weight
-    torch.save({"state_dict": model.state_dict()}, os.path.join(folder, name))
-    return model
-
-
 def test_preprocess_matches_hpsv2_transform():
     transform = hps_transform(SIZE)
     for img in images():
@@ -129,8 +119,8 @@ def test_preprocess_matches_hpsv2_transform():
 
 
 def test_scores_match_hpsv2(tmp_path, clip_bpe_tokenizer):
-    ref = save_hps(tmp_path, WEIGHT_NAMES[0], seed=0)  # v2.1
-    save_hps(tmp_path, WEIGHT_NAMES[1], seed=1)  # v2.0, other weights: must not be picked
+    ref = save_hps(tmp_path, WEIGHT_NAMES[0], TINY, seed=0)  # v2.1
+    save_hps(tmp_path, WEIGHT_NAMES[1], TINY, seed=1)  # v2.0, other weights: must not be picked
     scorer = HPSScorer.from_weights(str(tmp_path), clip_bpe_tokenizer, batch_size=2, config=TINY)
     assert os.path.isfile(tmp_path / "HPS_v2.1_compressed.safetensors")
     assert not os.path.exists(tmp_path / "HPS_v2_compressed.safetensors")  # only the chosen file is converted
@@ -168,7 +158,7 @@ def test_v2_only_and_missing_weights(tmp_path, clip_bpe_tokenizer):
     with pytest.raises(InputError) as e:
         HPSScorer.from_weights(str(tmp_path), clip_bpe_tokenizer, config=TINY)
     assert str(tmp_path) in str(e.value) and all(n in str(e.value) for n in WEIGHT_NAMES)
-    save_hps(tmp_path, WEIGHT_NAMES[1], seed=1)
+    save_hps(tmp_path, WEIGHT_NAMES[1], TINY, seed=1)
     scorer = HPSScorer.from_weights(str(tmp_path), clip_bpe_tokenizer, config=TINY)
     assert scorer.provenance["version"] == "v2.0" and scorer.provenance["source"] == WEIGHT_NAMES[1]
     with pytest.raises(InputError, match="not a directory"):

@@ -16,7 +16,8 @@ from conversion import open_clip as open_clip_conv
 from conversion.safetensors_io import ConversionError
 from conversion.torch_files import convert
 from flowsteer_jax.models.clip_model import CLIPModel, load_open_clip_model
-from tests.torch_reference import randomize_, rel_err, to_np
+from tests.eval_weights import tiny_open_clip
+from tests.torch_reference import rel_err, to_np
 
 VOCAB, CTX = 64, 12
 TINY = {
@@ -24,16 +25,6 @@ TINY = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8, "mlp_ratio": 3.5},
     "text_cfg": {"context_length": CTX, "vocab_size": VOCAB, "width": 40, "heads": 4, "layers": 2},
 }
-
-
-def tiny_open_clip(config: dict, seed: int = 0) -> open_clip.CLIP:
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**config).eval()
-    init_scale, causal_mask = model.logit_scale.item(), model.attn_mask.clone()
-    randomize_(model, seed)
-    model.attn_mask.copy_(causal_mask)  # a buffer open_clip derives, not a weight: randomize_ overwrites it too
-    assert model.logit_scale.item() != pytest.approx(init_scale)  # nothing keeps its init
-    return model
 
 
 def save_hps_style(model: torch.nn.Module, folder) -> str:

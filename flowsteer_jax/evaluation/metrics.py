@@ -35,10 +35,11 @@ def _hps_tokenizer(weights: str):
 
     for name in HPS_TOKENIZER_FOLDERS:
         folder = os.path.join(weights, name)
-        if os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(os.path.join(folder, "merges.txt")):
+        files = ("tokenizer.json",), ("vocab.json", "merges.txt")
+        if any(all(os.path.isfile(os.path.join(folder, f)) for f in group) for group in files):
             return CLIPTokenizer.from_pretrained(folder), name
     raise InputError(
-        f"--weights={weights}: HPSv2 needs OpenAI's CLIP tokenizer (vocab.json + merges.txt) in one of "
+        f"{weights}: HPSv2 needs OpenAI's CLIP tokenizer (tokenizer.json, or vocab.json + merges.txt) in one of "
         f"{', '.join(HPS_TOKENIZER_FOLDERS)}/ (the CLIP-L folder has it)"
     )
 
@@ -80,7 +81,7 @@ class Scorers:
             elif m == "hps":
                 tokenizer, tok_folder = _hps_tokenizer(weights)
                 self.text[m] = hps.HPSScorer.from_weights(weights, tokenizer, batch_size=batch_size)
-                self.text[m].provenance = {**self.text[m].provenance, "tokenizer": tok_folder}
+                self.text[m].provenance = {**self.text[m].provenance, "tokenizer_folder": tok_folder}
         if "fid" in self.metrics or "kid" in self.metrics:
             self.inception = fid.InceptionFeatures.from_weights(weights, batch_size=batch_size)
 
