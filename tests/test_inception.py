@@ -17,7 +17,13 @@ from conversion import inception as inception_conv
 from conversion import torch_files
 from conversion.errors import ConversionError, InputError
 from flowsteer_jax.evaluation.fid import WEIGHT_NAME, InceptionFeatures
-from flowsteer_jax.models.inception import avg_pool_exclude_pad, bilinear_matrix, load_inception, resize_bilinear
+from flowsteer_jax.models.inception import (
+    avg_pool_exclude_pad,
+    bilinear_matrix,
+    jit_forward,
+    load_inception,
+    resize_bilinear,
+)
 from flowsteer_jax.tools.randomize import randomize_
 
 # Not `from tests.torch_reference import ...`: torch-fidelity 0.4.0's wheel installs a top-level `tests` package into
@@ -68,12 +74,19 @@ def write_weights(folder: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
-def reference_inception(folder: str, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
-    """pytorch-fid's `InceptionV3([3])`, its download replaced by reading `folder`'s .pth (strict load_state_dict)."""
+def patch_download(folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytorch-fid's weight download reads `folder`'s .pth instead (its `load_state_dict` stays strict)."""
     import pytorch_fid.inception as pfi
 
     path = os.path.join(folder, WEIGHT_NAME)
     monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: torch.load(path, weights_only=True))
+
+
+def reference_inception(folder: str, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    """pytorch-fid's `InceptionV3([3])` with `folder`'s weights."""
+    import pytorch_fid.inception as pfi
+
+    patch_download(folder, monkeypatch)
     return pfi.InceptionV3([3]).eval()
 
 
@@ -124,6 +137,9 @@ def test_uint8_and_pil_inputs_equal_float(features):
     as_float = features(u8.astype(np.float32) / 255)
     np.testing.assert_array_equal(features(u8), as_float)
     np.testing.assert_array_equal(features([Image.fromarray(u8[0]), Image.fromarray(u8[1]).convert("RGBA")]), as_float)
+    # The module's own forward (resize inside one jit) agrees with the batched resize-then-network path.
+    whole = jit_forward(features.model)(jnp.asarray(u8, jnp.float32) / 255)
+    assert whole.shape == (2, 2048) and rel_err(whole, as_float) <= 1e-6
 
 
 def test_bad_images_are_refused(features):
