@@ -1,17 +1,20 @@
 """Tiny random stand-ins for the evaluation metrics' upstream weight files, written as upstream writes them: a
-transformers CLIP folder with its processor, HPSv2-style open_clip pickles. Shared by the scorer parity tests and
+transformers CLIP folder with its processor, HPSv2-style open_clip pickles, pytorch-fid's Inception `.pth` (full
+size: its architecture is fixed) with random weights. Shared by the scorer parity tests and
 the evaluate command's end-to-end test."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPProcessor
 from transformers import CLIPModel as TorchCLIPModel
 
+from flowsteer_jax.evaluation.fid import WEIGHT_NAME as INCEPTION_WEIGHTS
 from flowsteer_jax.tools.tiny_pipeline import clip_tokenizer
 from tests.torch_reference import randomize_
 
@@ -65,3 +68,45 @@ def save_hps(folder, name: str, config: dict, seed: int) -> open_clip.CLIP:
     model = tiny_open_clip(config, seed)
     torch.save({"state_dict": model.state_dict()}, os.path.join(folder, name))
     return model
+
+
+def random_fid_inception(seed: int = 0) -> torch.nn.Module:
+    """pytorch-fid's `fid_inception_v3()` architecture with every tensor random (nothing downloaded).
+
+    BatchNorm gets positive running variances and scales near 1, and the convs He-scaled weights, so the
+    activations stay O(1) through the depth instead of vanishing: a wrong mapping deep in the net stays visible.
+    """
+    import pytorch_fid.inception as pfi
+    import torchvision.models.inception as tvi
+
+    with pytest.MonkeyPatch.context() as mp:  # build the architecture only: its weight loading is a no-op here
+        mp.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(tvi.Inception3, "load_state_dict", lambda self, *a, **k: None)
+        model = pfi.fid_inception_v3().eval()
+    randomize_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                c = module.num_features
+                module.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                module.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+            elif isinstance(module, torch.nn.Conv2d):
+                module.weight.mul_(np.sqrt(2.0))
+    return model
+
+
+def write_inception(folder: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`folder/pt_inception-2015-12-05-6726825d.pth`, random; returns the state dict written."""
+    state = random_fid_inception(seed).state_dict()
+    assert "fc.weight" in state and "Mixed_7c.branch_pool.bn.num_batches_tracked" in state  # skipped, not absent
+    torch.save(state, os.path.join(folder, INCEPTION_WEIGHTS))
+    return state
+
+
+def patch_download(folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytorch-fid's weight download reads `folder`'s .pth instead (its `load_state_dict` stays strict)."""
+    import pytorch_fid.inception as pfi
+
+    path = os.path.join(folder, INCEPTION_WEIGHTS)
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: torch.load(path, weights_only=True))

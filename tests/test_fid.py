@@ -12,10 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-# Imported by module name (tests/ is on pytest's path): `tests.` is shadowed by torch-fidelity's stray `tests`
-# package in .refs/ (see test_inception.py).
-from test_inception import patch_download, rel_err, write_weights
-
 from conversion.errors import InputError
 from flowsteer_jax.evaluation import fid as fid_mod
 from flowsteer_jax.evaluation.fid import (
@@ -27,6 +23,8 @@ from flowsteer_jax.evaluation.fid import (
     kid,
     statistics,
 )
+from tests.eval_weights import patch_download, write_inception
+from tests.torch_reference import rel_err
 
 
 def write_pngs(folder: pathlib.Path, n: int, size: tuple[int, int], seed: int, bright: int) -> None:
@@ -44,7 +42,7 @@ def test_fid_of_folders_matches_pytorch_fid(tmp_path, monkeypatch):
 
     weights = tmp_path / "weights"
     weights.mkdir()
-    write_weights(str(weights))
+    write_inception(str(weights))
     a, b = tmp_path / "a", tmp_path / "b"
     write_pngs(a, 20, (48, 64), seed=1, bright=0)
     write_pngs(b, 20, (48, 64), seed=2, bright=40)

@@ -24,62 +24,8 @@ from flowsteer_jax.models.inception import (
     load_inception,
     resize_bilinear,
 )
-from flowsteer_jax.tools.randomize import randomize_
-
-# Not `from tests.torch_reference import ...`: torch-fidelity 0.4.0's wheel installs a top-level `tests` package into
-# .refs/, which shadows this folder's `tests` namespace on pytest's path.
-
-
-def to_np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
-def rel_err(ours, ref) -> float:
-    """max |ours - ref| / max |ref|."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
-
-def random_fid_inception(seed: int = 0) -> torch.nn.Module:
-    """pytorch-fid's `fid_inception_v3()` architecture with every tensor random (nothing downloaded).
-
-    BatchNorm gets positive running variances and scales near 1, and the convs He-scaled weights, so the
-    activations stay O(1) through the depth instead of vanishing: a wrong mapping deep in the net stays visible.
-    """
-    import pytorch_fid.inception as pfi
-    import torchvision.models.inception as tvi
-
-    with pytest.MonkeyPatch.context() as mp:  # build the architecture only: its weight loading is a no-op here
-        mp.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: {})
-        mp.setattr(tvi.Inception3, "load_state_dict", lambda self, *a, **k: None)
-        model = pfi.fid_inception_v3().eval()
-    randomize_(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                c = module.num_features
-                module.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                module.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
-            elif isinstance(module, torch.nn.Conv2d):
-                module.weight.mul_(np.sqrt(2.0))
-    return model
-
-
-def write_weights(folder: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """`folder/pt_inception-2015-12-05-6726825d.pth`, random; returns the state dict written."""
-    state = random_fid_inception(seed).state_dict()
-    assert "fc.weight" in state and "Mixed_7c.branch_pool.bn.num_batches_tracked" in state  # skipped, not absent
-    torch.save(state, os.path.join(folder, WEIGHT_NAME))
-    return state
-
-
-def patch_download(folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """pytorch-fid's weight download reads `folder`'s .pth instead (its `load_state_dict` stays strict)."""
-    import pytorch_fid.inception as pfi
-
-    path = os.path.join(folder, WEIGHT_NAME)
-    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *a, **k: torch.load(path, weights_only=True))
+from tests.eval_weights import patch_download, random_fid_inception, write_inception
+from tests.torch_reference import rel_err, to_np
 
 
 def reference_inception(folder: str, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
@@ -93,7 +39,7 @@ def reference_inception(folder: str, monkeypatch: pytest.MonkeyPatch) -> torch.n
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("inception_weights"))
-    write_weights(folder)
+    write_inception(folder)
     return folder
 
 
