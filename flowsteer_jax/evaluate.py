@@ -357,6 +357,8 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
         negative_prompt=args.negative_prompt,
         max_sequence_length=args.max_sequence_length,
     )
+    with open(os.path.join(row_dir, "prompts.txt"), "w") as f:  # `--images=row_dir` scores it again
+        f.write("\n".join(prompts) + "\n")
     prov = {
         "sampling": {**settings, "height": height, "width": width},
         "transformer_fingerprint": weights_fingerprint(pipeline_component(spec["model"], "transformer")),

@@ -79,6 +79,7 @@ class Scorers:
             elif m == "clip":
                 self.text[m] = clip_scores.ClipScorer.from_weights(weights, batch_size=batch_size)
             elif m == "hps":
+                hps.find_weights(weights)  # a missing weights file is the first thing to say
                 tokenizer, tok_folder = _hps_tokenizer(weights)
                 self.text[m] = hps.HPSScorer.from_weights(weights, tokenizer, batch_size=batch_size)
                 self.text[m].provenance = {**self.text[m].provenance, "tokenizer_folder": tok_folder}
