@@ -227,7 +227,7 @@ def test_digits_run_end_to_end_and_ablation(tmp_path):
             assert f["digits"].shape == (40, 2) and np.issubdtype(f["digits"].dtype, np.integer)
         assert os.path.isfile(os.path.join(workdir, "samples", f"{name}.png"))
     report = open(os.path.join(workdir, "report.md")).read()
-    assert "FlowSteer student, 4 steps, no CFG" in report and "| 4 |" in report
+    assert "FlowSteer student, 4 steps, no CFG" in report and "| 4x1 |" in report
     errors = check_export(workdir, str(tmp_path / "export"))
     assert errors["adapter"] <= 1e-4 and errors["fused"] <= 1e-4, errors
 

@@ -8,6 +8,7 @@ sharing a persistent compilation cache so only the first run compiles.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from flowsteer_jax.evaluation.clip_scores import CLIP_FOLDER
 from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
+from tests.eval_weights import save_processor, tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 2
@@ -119,8 +122,14 @@ def _wait_for_checkpoint(proc, workdir, timeout=300):
 
 @pytest.fixture(scope="module")
 def reference(setup):
+    """The uninterrupted run; it also scores its eval samples with a (tiny random) CLIP-L: `eval.metrics`."""
     workdir = str(setup["base"] / "reference")
-    _run(setup, workdir)
+    weights = setup["base"] / "eval_weights"
+    tiny_clip(0).save_pretrained(weights / CLIP_FOLDER)
+    save_processor(weights / CLIP_FOLDER)
+    err = _run(setup, workdir, "--config.eval.metrics=clip", f"--config.eval.weights={weights}")
+    with open(os.path.join(workdir, "stderr.txt"), "w") as f:
+        f.write(err)
     return workdir
 
 
@@ -134,7 +143,13 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_samples(reference):
     still_zero = sorted(k for k, v in lora_b.items() if not np.abs(v).any())
     assert len(lora_b) > 10 and len(still_zero) == 1 and "add_q_proj" in still_zero[0], still_zero
     assert any(k.startswith("['params']['disc']") for k in state)
-    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(reference, "tb")))
+    events = [n for n in os.listdir(os.path.join(reference, "tb")) if n.startswith("events.out.tfevents")]
+    assert events
+    with open(os.path.join(reference, "tb", events[0]), "rb") as f:
+        logged = f.read()
+    assert b"eval/clip_score" in logged and b"eval/samples" in logged  # eval.metrics next to the grid
+    with open(os.path.join(reference, "stderr.txt")) as f:
+        assert re.search(rf"step {STEPS} eval: clip_score -?\d", f.read())
     assert any(n.endswith(".png") for n in os.listdir(os.path.join(reference, "samples")))
     assert os.path.isfile(os.path.join(reference, "config.json"))
     assert os.path.isfile(os.path.join(reference, "embeddings", "meta.json"))
