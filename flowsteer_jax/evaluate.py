@@ -37,8 +37,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import flags
-from PIL import Image
-from tqdm import tqdm
 
 from conversion.errors import InputError
 from conversion.torch_files import sha256 as sha256_file
@@ -48,7 +46,7 @@ from flowsteer_jax.evaluation.metrics import (
     TEXT_METRICS,
     Scorers,
     available_metrics,
-    open_rgb,
+    folder_features,
     score_files,
     summarize,
 )
@@ -234,7 +232,7 @@ def _main(args) -> int:
         from flowsteer_jax.evaluation.fid import image_files
 
         ref_files = image_files(args.ref)
-        ref_features = scorers.inception(_progress_images(ref_files, "reference features"))
+        ref_features = folder_features(scorers.inception, ref_files)
         ref_info = {"folder": os.path.abspath(args.ref), "images": len(ref_files)}
 
     rows = []
@@ -280,10 +278,6 @@ def _main(args) -> int:
     last = rows[-1]["metrics"]
     print(json.dumps({METRICS[m][0]: last[METRICS[m][0]] for m in metrics}))
     return 0
-
-
-def _progress_images(files: Sequence[str], desc: str) -> list[Image.Image]:
-    return [open_rgb(p) for p in tqdm(files, desc=desc, unit="img")]
 
 
 def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):

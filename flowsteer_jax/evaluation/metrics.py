@@ -143,6 +143,17 @@ def open_rgb(path: str) -> Image.Image:
         raise InputError(f"{path}: not a readable image ({e})") from e
 
 
+def folder_features(inception: Any, files: Sequence[str], desc: str = "reference features") -> np.ndarray:
+    """Inception features of image files, read lazily in chunks (a 10k-image reference set never sits in memory)."""
+    from flowsteer_jax.evaluation.fid import ImageFiles
+
+    step = 4 * CHUNK
+    parts = [
+        inception(ImageFiles(files[s : s + step])) for s in tqdm(range(0, len(files), step), desc=desc, unit="chunk")
+    ]
+    return np.concatenate(parts)
+
+
 def resolve(setting: str, weights: str | None, ref: str | None) -> list[str]:
     """`eval.metrics` ("auto", "" or a comma list) -> metric names; "auto" = what `weights` (and `ref`) allow."""
     if setting == "auto":
@@ -171,7 +182,7 @@ def eval_scorer(
     if scorers.inception is not None:
         from flowsteer_jax.evaluation.fid import image_files
 
-        ref_features = scorers.inception([open_rgb(p) for p in image_files(ref)])
+        ref_features = folder_features(scorers.inception, image_files(ref))
 
     def score(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
         pixels = np.round(np.clip(np.asarray(images, np.float32), 0, 1) * 255).astype(np.uint8)
