@@ -10,12 +10,12 @@ between versions; only the fields below are read, and the ones the model cannot 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from conversion.safetensors_io import ConversionError
+from conversion.safetensors_io import read_json as read_json_file
 from conversion.table import Entry
 
 ARCHITECTURES = ("CLIPTextModelWithProjection", "CLIPTextModel")
@@ -63,13 +63,7 @@ def normalize_config(raw: Mapping[str, Any], source: str = "config") -> dict[str
 def read_json(folder: str, what: str) -> tuple[dict[str, Any], str]:
     """`folder/config.json` as a dict, or a ConversionError naming the file."""
     path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f), path
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read the {what} config ({e.strerror})") from e
-    except ValueError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    return read_json_file(path, f"{what} config"), path
 
 
 def read_config(folder: str) -> tuple[dict[str, Any], str]:

@@ -12,7 +12,6 @@ HPSv2 is open_clip's `ViT-H-14` (`VIT_H_14`, the default when no config file is 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from conversion import clip as clip_text
 from conversion import clip_model as clip_model_conv
 from conversion.errors import ConversionError
-from conversion.safetensors_io import Checkpoint
+from conversion.safetensors_io import Checkpoint, read_json
 from conversion.table import Entry
 
 # open_clip's model_configs/ViT-H-14.json (HPSv2's backbone); `quick_gelu` absent there means nn.GELU.
@@ -193,13 +192,7 @@ def normalize_config(raw: Mapping[str, Any] | None = None, source: str = "open_c
 
 def read_config(path: str) -> dict[str, Any]:
     """An open_clip model-config JSON file, normalised (errors name the file)."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read the open_clip model config ({e.strerror})") from e
-    except ValueError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+    raw = read_json(path, "open_clip model config")
     if not isinstance(raw, dict):
         raise ConversionError(f"{path}: not a JSON object")
     return normalize_config(raw, path)

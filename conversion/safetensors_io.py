@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -20,6 +21,17 @@ from safetensors.numpy import save_file
 from conversion.errors import ConversionError
 
 __all__ = ["Checkpoint", "ConversionError", "open_checkpoint", "save_checkpoint", "weights_fingerprint"]
+
+
+def read_json(path: str, what: str) -> Any:
+    """A JSON file's content, or one ConversionError naming the file and `what` it should have been."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read the {what} ({e.strerror})") from e
+    except ValueError as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from e
 
 
 @dataclass

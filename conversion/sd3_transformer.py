@@ -6,12 +6,11 @@ Flax paths mirror diffusers' module names; only the leaf differs (`weight` -> `k
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.safetensors_io import ConversionError
+from conversion.safetensors_io import ConversionError, read_json
 from conversion.table import Entry
 
 # SD3Transformer2DModel.__init__ defaults (diffusers 0.42): config.json may omit any of these.
@@ -56,14 +55,7 @@ def normalize_config(raw: Mapping[str, Any], source: str = "config") -> dict[str
 
 def read_config(folder: str) -> tuple[dict[str, Any], str]:
     path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot read the transformer config ({e.strerror})") from e
-    except ValueError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from e
-    return normalize_config(raw, path), path
+    return normalize_config(read_json(path, "transformer config"), path), path
 
 
 def param_table(config: Mapping[str, Any]) -> list[Entry]:

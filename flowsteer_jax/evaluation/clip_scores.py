@@ -20,7 +20,6 @@ Prompts go through the folder's own tokenizer (transformers), padded/truncated t
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,7 @@ import PIL.Image
 from flax import nnx
 
 from conversion.errors import InputError
-from conversion.safetensors_io import weights_fingerprint
+from conversion.safetensors_io import read_json, weights_fingerprint
 from conversion.torch_files import sha256
 from flowsteer_jax.models.clip_model import CLIPModel, load_clip_model
 
@@ -216,26 +215,16 @@ class ImagePreprocessing:
         return np.stack([self.one(im) for im in images])
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from e
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
-
-
 def image_processor_file(folder: str) -> tuple[str, dict[str, Any]] | None:
     """Where transformers would read `folder`'s image processor settings from, and those settings; None if nowhere."""
     nested = os.path.join(folder, PROCESSOR_CONFIG)
     if os.path.isfile(nested):
-        raw = _read_json(nested)
+        raw = read_json(nested, "processor config")
         if isinstance(raw.get("image_processor"), Mapping):
             return nested, dict(raw["image_processor"])
     flat = os.path.join(folder, PREPROCESSOR_CONFIG)
     if os.path.isfile(flat):
-        return flat, _read_json(flat)
+        return flat, read_json(flat, "image processor config")
     return None
 
 
