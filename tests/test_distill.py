@@ -177,6 +177,43 @@ def test_losses_and_window_points():
     assert np.isclose(fm, 2.0)
 
 
+def test_gan_losses():
+    """Each game's values on known logits, and its gradients push D(real) up, D(fake) down, the student's D up."""
+    real, fake = jnp.asarray([2.0, 0.5, -1.0]), jnp.asarray([-2.0, 0.0, 1.0])
+    sp = lambda x: np.log1p(np.exp(x))  # noqa: E731
+    want_d = {
+        "hinge": (0 + 0.5 + 2) / 3 + (0 + 1 + 2) / 3,
+        "non_saturating": np.mean(sp(-np.asarray(real))) + np.mean(sp(np.asarray(fake))),
+        "least_squares": 0.5 * (np.mean((np.asarray(real) - 1) ** 2) + np.mean(np.asarray(fake) ** 2)),
+    }
+    want_g = {"hinge": 1.0 / 3, "non_saturating": np.mean(sp(-np.asarray(fake))), "least_squares": 0.5 * 10 / 3}
+    assert set(losses.GAN_LOSSES) == set(want_d)
+    for name, (d_loss, g_loss) in losses.GAN_LOSSES.items():
+        assert np.isclose(d_loss(real, fake), want_d[name], rtol=1e-6), name
+        assert np.isclose(g_loss(fake), want_g[name], rtol=1e-6), name
+        half = jnp.full(3, 0.5)
+        g_real, g_fake = jax.grad(d_loss, argnums=(0, 1))(half, half)
+        assert np.all(np.asarray(g_real) < 0) and np.all(np.asarray(g_fake) > 0), name
+        assert np.all(np.asarray(jax.grad(g_loss)(half)) < 0), name
+
+
+@pytest.mark.parametrize("gan", ["non_saturating", "least_squares"])
+def test_train_step_with_other_gan_losses(gan):
+    config = tiny_config(**{"loss.gan": gan})
+    state, frozen, graphs = single_device_state(config)
+    disc0 = host(state["params"]["disc"])
+    hinge_state, _, _ = single_device_state(tiny_config())
+    step, hinge_step = make_step(config, graphs), make_step(tiny_config(), graphs)
+    rng, batch = jax.random.PRNGKey(0), make_batch()
+    state, metrics = step(state, frozen, batch, rng)
+    _, hinge_metrics = hinge_step(hinge_state, frozen, batch, rng)
+    assert float(metrics["finite"]) == 1.0 and np.isfinite(float(metrics["loss_disc"]))
+    assert float(metrics["loss_dist"]) == float(hinge_metrics["loss_dist"])  # same data, same student loss
+    assert float(metrics["loss_disc"]) != float(hinge_metrics["loss_disc"])  # another game
+    leaves = zip(jax.tree.leaves(state["params"]["disc"]), jax.tree.leaves(disc0), strict=True)
+    assert max(float(np.abs(np.asarray(a) - b).max()) for a, b in leaves) > 0
+
+
 def test_split_gradients_route_each_player():
     fn = lambda p, x: jnp.tanh(p["w"] * x).sum() * p["c"]  # noqa: E731
     p, x = {"w": jnp.asarray(0.7), "c": jnp.asarray(1.3)}, jnp.asarray([0.3, -1.2, 2.0])

@@ -42,8 +42,37 @@ def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
 
 
 def adversarial_loss(fake_logits: jax.Array) -> jax.Array:
-    """Student's `L_adv = -E D(z^S)`."""
+    """Student's `L_adv = -E D(z^S)` (the paper's, with the hinge discriminator)."""
     return -jnp.mean(fake_logits)
+
+
+def non_saturating_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """Original GAN discriminator: `E softplus(-D(real)) + E softplus(D(fake))` (= BCE on sigmoid logits)."""
+    return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def non_saturating_g_loss(fake_logits: jax.Array) -> jax.Array:
+    """Non-saturating generator loss: `E softplus(-D(z^S))`."""
+    return jnp.mean(jax.nn.softplus(-fake_logits))
+
+
+def least_squares_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """LSGAN discriminator (targets 1 real, 0 fake): `E (D(real) - 1)^2 / 2 + E D(fake)^2 / 2`."""
+    return 0.5 * (jnp.mean(jnp.square(real_logits - 1.0)) + jnp.mean(jnp.square(fake_logits)))
+
+
+def least_squares_g_loss(fake_logits: jax.Array) -> jax.Array:
+    """LSGAN generator: `E (D(z^S) - 1)^2 / 2`."""
+    return 0.5 * jnp.mean(jnp.square(fake_logits - 1.0))
+
+
+# `loss.gan` -> (discriminator loss of (real, fake) logits, the student's `L_adv` of fake logits). The paper uses
+# hinge (Table 4 compares it with non-saturating and least squares).
+GAN_LOSSES: dict[str, tuple[Callable, Callable]] = {
+    "hinge": (hinge_d_loss, adversarial_loss),
+    "non_saturating": (non_saturating_d_loss, non_saturating_g_loss),
+    "least_squares": (least_squares_d_loss, least_squares_g_loss),
+}
 
 
 def feature_matching(real_feats: Sequence[jax.Array], fake_feats: Sequence[jax.Array]) -> jax.Array:

@@ -12,7 +12,8 @@ Per step, for a batch of B prompts (docs/design.md, "The FlowSteer step"):
    `L_dist` over all windows, and `z^S = z^T_{s_k} + (s_{k-1} - s_k) v_S(z^T_{s_k}, s_k)`.
    `"rollout"` instead unrolls the student's own K steps from `eps` (Euler scan, remat per step).
 4. One discriminator forward over `[z^T_{s_{k-1}}; z^S_{s_{k-1}}]` (`2*K*B`), its gradients split between
-   the players (`losses.split_gradients`): hinge trains D, `L_adv` and `L_FM` train the student.
+   the players (`losses.split_gradients`): the GAN loss's D part (`loss.gan`, hinge by default) trains D,
+   `L_adv` and `L_FM` train the student.
 5. One backward pass for `L_dist + l_adv L_adv + l_fm L_FM + L_D` gives LoRA and D gradients;
    `optax.partition` applies clipped AdamW per branch. With `lambda_adv = lambda_fm = 0` there is no
    discriminator in the state, so none in the compiled step.
@@ -88,6 +89,7 @@ def build_train_step(
     grid, index = ota.teacher_grid(d.num_segments, int(d.teacher_steps), d.schedule, d.shift)
     k = int(d.num_segments)
     lam_adv, lam_fm = float(config.loss.lambda_adv), float(config.loss.lambda_fm)
+    d_loss, g_loss = losses.GAN_LOSSES[config.loss.gan]
     rollout = config.adv.student_states == "rollout"
     optimizer = make_optimizer(config)
     lr_fns = schedules(config)
@@ -142,8 +144,8 @@ def build_train_step(
         )
         pairs = lambda x: x.reshape(b, 2, k, *x.shape[1:])  # noqa: E731  (real, fake) of each prompt and window
         logit_d, logit_g, feats_g = pairs(logit_d), pairs(logit_g), [pairs(f) for f in feats_g]
-        aux["loss_disc"] = losses.hinge_d_loss(logit_d[:, 0], logit_d[:, 1])
-        aux["loss_adv"] = losses.adversarial_loss(logit_g[:, 1])
+        aux["loss_disc"] = d_loss(logit_d[:, 0], logit_d[:, 1])
+        aux["loss_adv"] = g_loss(logit_g[:, 1])
         aux["loss_fm"] = losses.feature_matching([f[:, 0] for f in feats_g], [f[:, 1] for f in feats_g])
         aux["d_real"], aux["d_fake"] = jnp.mean(logit_d[:, 0]), jnp.mean(logit_d[:, 1])
         aux["loss_student"] = total + lam_adv * aux["loss_adv"] + lam_fm * aux["loss_fm"]
