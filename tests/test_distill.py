@@ -214,6 +214,45 @@ def test_train_step_with_other_gan_losses(gan):
     assert max(float(np.abs(np.asarray(a) - b).max()) for a, b in leaves) > 0
 
 
+@pytest.mark.parametrize("trunk, heads", [("frozen", "final"), ("lora", "every")])
+def test_discriminator_trunk_and_head_variants(trunk, heads):
+    """Table 4's variants: a frozen trunk trains only its head; a LoRA trunk trains adapters + heads (the copied
+    weights stay); heads on every block: one head per block, the logit their mean."""
+    config = tiny_config(**{"disc.trunk": trunk, "disc.heads": heads, "disc.num_blocks": 2})
+    state, frozen, graphs = single_device_state(config)
+    trained = {p for p, _ in nnx.to_flat_state(state["params"]["disc"])}
+    heads_n = {p[:2] for p in trained if p[0] == "block_heads"}
+    assert len(heads_n) == (1 if heads == "every" else 0)
+    if trunk == "frozen":
+        assert all(p[0] in ("head", "block_heads") for p in trained)
+    else:
+        assert {p[-1] for p in trained if p[0] == "transformer_blocks"} == {"lora_a", "lora_b"}
+    trunk0 = host(frozen["disc"])
+    disc0 = host(state["params"]["disc"])
+    step = make_step(config, graphs)
+    state, metrics = step(state, frozen, make_batch(), jax.random.PRNGKey(0))
+    assert float(metrics["finite"]) == 1.0
+    for a, b in zip(jax.tree.leaves(frozen["disc"]), jax.tree.leaves(trunk0), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)  # what does not train stays bit-identical
+    moved = {
+        p
+        for (p, a), b in zip(nnx.to_flat_state(state["params"]["disc"]), jax.tree.leaves(disc0), strict=True)
+        if np.abs(np.asarray(a.get_value()) - b).max() > 0
+    }
+    assert any(p[0] == "head" for p in moved)
+    if trunk == "lora":
+        assert any(p[-1] == "lora_b" for p in moved)
+    if heads == "every":
+        assert any(p[0] == "block_heads" for p in moved)
+        disc = nnx.merge(graphs.disc, state["params"]["disc"], frozen["disc"])
+        z, t = jnp.asarray(np.random.default_rng(0).standard_normal((B, *LATENT)), jnp.float32), jnp.full((B,), 500.0)
+        batch = make_batch()
+        logits, feats = disc(z, t, batch["prompt_embeds"], batch["pooled"])
+        grid = (LATENT[0] // TINY.patch_size, LATENT[1] // TINY.patch_size)
+        want = (disc.head(feats[-1], grid) + disc.block_heads[0](feats[0], grid)) / 2
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-6)
+
+
 def test_split_gradients_route_each_player():
     fn = lambda p, x: jnp.tanh(p["w"] * x).sum() * p["c"]  # noqa: E731
     p, x = {"w": jnp.asarray(0.7), "c": jnp.asarray(1.3)}, jnp.asarray([0.3, -1.2, 2.0])

@@ -50,6 +50,9 @@ Shape (all keys always present; `configs/` files override values, never add keys
   (the student's own K-step chain from the same noise, remat per step).
 - `disc.num_blocks`, `disc.head` ("conv" | "mlp"), `disc.param_dtype` (its trainable weights; the trunk
   computes in the base model's dtype, so a bf16 base gets an fp32-master discriminator by default).
+  `disc.heads`: "final" (one head on the last block, the paper's) | "every" (one per block, logits averaged);
+  `disc.trunk`: "full" (the copied blocks train, the paper's) | "frozen" (heads only) | "lora" (LoRA adapters
+  of `lora.rank`/`lora.targets` on the trunk, plus the heads). The paper's Table 4 compares these.
 - `optim.lora.*`, `optim.disc.*`: AdamW `lr`, `b1`, `b2`, `eps`, `weight_decay`, `clip_norm` (global norm,
   inside the branch; 0 disables), `schedule` ("constant" | "cosine"), `warmup_steps`, `total_steps`.
 - `mesh.shape`: (data, fsdp, tensor), one -1 fills; `mesh.rules`: logical axis -> mesh axes.
@@ -126,7 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.loss = ml_collections.ConfigDict(dict(lambda_adv=0.5, lambda_fm=1.0, gan="hinge"))
     c.adv = ml_collections.ConfigDict(dict(student_states="one_step"))
-    c.disc = ml_collections.ConfigDict(dict(num_blocks=12, head="conv", param_dtype="float32"))
+    c.disc = ml_collections.ConfigDict(
+        dict(num_blocks=12, head="conv", heads="final", trunk="full", param_dtype="float32")
+    )
     c.optim = ml_collections.ConfigDict()
     c.optim.lora = _adamw(1e-4, 1e-2, 1.0)
     c.optim.disc = _adamw(1e-4, 1e-2, 1.0)
@@ -152,7 +157,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     from flowsteer_jax.distill.step import STUDENT_STATES
     from flowsteer_jax.flow.schedules import KINDS
     from flowsteer_jax.models.attention import ATTENTION_IMPLEMENTATIONS
-    from flowsteer_jax.models.discriminator import HEADS
+    from flowsteer_jax.models.discriminator import HEAD_PLACES, HEADS
     from flowsteer_jax.models.mmdit import REMAT_POLICIES
     from flowsteer_jax.models.presets import TRANSFORMERS
 
@@ -236,6 +241,8 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     one_of("adv.student_states", STUDENT_STATES)
     number("disc.num_blocks", 1, integer=True)
     one_of("disc.head", HEADS)
+    one_of("disc.heads", HEAD_PLACES)
+    one_of("disc.trunk", ("full", "frozen", "lora"))
     one_of("disc.param_dtype", DTYPES)
     if uses_discriminator(config) and _number(config.train.batch_size) and config.train.batch_size == 1:
         out.append(

@@ -28,6 +28,11 @@ from flowsteer_jax.models.discriminator import Discriminator
 from flowsteer_jax.models.lora import apply_lora, split_lora
 from flowsteer_jax.models.mmdit import MMDiT
 
+# `disc.trunk` -> what of the discriminator trains (the rest joins `frozen["disc"]`): everything (the paper's
+# choice), the heads alone, or LoRA adapters on the trunk plus the heads (the paper's Table 4).
+_HEADS = nnx.All(nnx.Param, nnx.Any(nnx.PathContains("head"), nnx.PathContains("block_heads")))
+DISC_TRAINABLE = {"full": nnx.Param, "frozen": _HEADS, "lora": nnx.Any(nnx.LoRAParam, _HEADS)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Graphs:
@@ -108,10 +113,20 @@ def make_train_state(
             base_model,
             config.disc.num_blocks,
             head=config.disc.head,
+            heads=config.disc.heads,
             rngs=rngs,
             param_dtype=jnp.dtype(config.disc.param_dtype),
         )
-        disc_graph, params["disc"], frozen["disc"] = nnx.split(disc, nnx.Param, ...)
+        if config.disc.trunk == "lora":  # zero-init adapters: D starts as the same copy of the teacher's blocks
+            apply_lora(
+                disc,
+                rank=config.lora.rank,
+                alpha=config.lora.alpha,
+                targets=tuple(config.lora.targets),
+                rngs=rngs,
+                param_dtype=jnp.dtype(config.disc.param_dtype),
+            )
+        disc_graph, params["disc"], frozen["disc"] = nnx.split(disc, DISC_TRAINABLE[config.disc.trunk], ...)
     apply_lora(
         base_model,
         rank=config.lora.rank,

@@ -35,6 +35,7 @@ from flowsteer_jax.models.mmdit import (
 )
 
 HEADS = ("conv", "mlp")
+HEAD_PLACES = ("final", "every")  # one head on the last block (the paper's choice), or one on every block
 
 
 def _groups(channels: int, max_groups: int = 32) -> int:
@@ -109,6 +110,7 @@ class Discriminator(nnx.Module):
         num_blocks: int,
         *,
         head: str = "conv",
+        heads: str = "final",
         rngs: nnx.Rngs,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype | None = None,
@@ -119,6 +121,8 @@ class Discriminator(nnx.Module):
             raise ValueError(f"disc num_blocks={num_blocks} must be in [1, {cfg.num_layers}]")
         if head not in HEADS:
             raise ValueError(f"disc head {head!r} not in {HEADS}")
+        if heads not in HEAD_PLACES:
+            raise ValueError(f"disc heads {heads!r} not in {HEAD_PLACES}")
         check_remat_policy(remat_policy)
         param_dtype = dtype if param_dtype is None else param_dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -126,11 +130,17 @@ class Discriminator(nnx.Module):
         self.config, self.num_blocks, self.dtype, self.remat_policy = cfg, num_blocks, dtype, remat_policy
         # Same attribute names as MMDiT: the trunk's paths are the teacher's, so copying is path to path.
         build_trunk(self, cfg, num_blocks, implementation, **kw)
-        # The head stays float32 (small; the logit feeds a hinge).
-        self.head = (ConvHead if head == "conv" else MLPHead)(d, rngs=rngs, param_dtype=jnp.float32)
+        # The heads stay float32 (small; the logit feeds the GAN loss).
+        head_cls = ConvHead if head == "conv" else MLPHead
+        self.head = head_cls(d, rngs=rngs, param_dtype=jnp.float32)
+        # heads="every" (Table 4's per-block heads): blocks 0 .. num_blocks-2 get one each; the logit is the mean.
+        n_more = num_blocks - 1 if heads == "every" else 0
+        self.block_heads = nnx.List([head_cls(d, rngs=rngs, param_dtype=jnp.float32) for _ in range(n_more)])
 
     @classmethod
-    def from_mmdit(cls, model: MMDiT, num_blocks: int, *, head: str = "conv", rngs: nnx.Rngs, **kw) -> Discriminator:
+    def from_mmdit(
+        cls, model: MMDiT, num_blocks: int, *, head: str = "conv", heads: str = "final", rngs: nnx.Rngs, **kw
+    ) -> Discriminator:
         """A discriminator whose trunk is a *copy* (new buffers) of `model`'s first `num_blocks` blocks.
 
         Compute dtype, remat policy and attention kernel follow `model`; pass `param_dtype=jnp.float32` for fp32
@@ -139,11 +149,11 @@ class Discriminator(nnx.Module):
         kw.setdefault("dtype", model.dtype)
         kw.setdefault("remat_policy", model.remat_policy)
         kw.setdefault("implementation", model.implementation)
-        disc = cls(model.config, num_blocks, head=head, rngs=rngs, **kw)
+        disc = cls(model.config, num_blocks, head=head, heads=heads, rngs=rngs, **kw)
         source = dict(nnx.to_flat_state(nnx.state(model)))
         target = nnx.state(disc)
         for path, var in nnx.to_flat_state(target):
-            if path[0] == "head":
+            if path[0] in ("head", "block_heads"):
                 continue
             var.set_value(jnp.array(source[path].get_value(), dtype=var.get_value().dtype, copy=True))
         nnx.update(disc, target)
@@ -154,7 +164,8 @@ class Discriminator(nnx.Module):
     ) -> tuple[jax.Array, list[jax.Array]]:
         """z: (B, H, W, C) trajectory state; timestep: the MMDiT's ((B,) or (), `flow.sampling.timestep(sigma)`).
 
-        Returns (logits (B,), image features after each block).
+        Returns (logits (B,), image features after each block); with heads on every block the logit is the mean of
+        theirs.
         """
         _, height, width, _ = z.shape
         p = self.config.patch_size
@@ -163,4 +174,10 @@ class Discriminator(nnx.Module):
         for block in self.transformer_blocks:
             h, ctx = run_block(block, h, ctx, temb, self.remat_policy)
             feats.append(h)
-        return self.head(h, (height // p, width // p)), feats
+        grid = (height // p, width // p)
+        logits = self.head(h, grid)
+        if len(self.block_heads):
+            logits = (logits + sum(hd(f, grid) for hd, f in zip(self.block_heads, feats, strict=False))) / (
+                len(self.block_heads) + 1
+            )
+        return logits, feats
