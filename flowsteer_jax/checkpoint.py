@@ -50,7 +50,12 @@ STRUCTURAL_KEYS = (
     ("disc", "num_blocks"),
     ("disc", "head"),
     ("disc", "param_dtype"),
+    ("disc", "heads"),
+    ("disc", "trunk"),
 )
+# Settings added after checkpoints were first written: absent from an older checkpoint means this value (the
+# behaviour before the key existed), so such a checkpoint still resumes unless the run asks for another value.
+ADDED_KEYS: dict[str, Any] = {"disc.heads": "final", "disc.trunk": "full", "loss.gan": "hinge"}
 
 
 # The settings that define a run (dotted config keys; a section means all its keys): a resume must agree on each,
@@ -283,12 +288,16 @@ def resume_report(saved: dict, current: dict, allow: tuple[str, ...] = ()) -> tu
     structural = {".".join(path) for path in STRUCTURAL_KEYS}
     for path in STRUCTURAL_KEYS:
         old, new = _get(saved.get("config", {}), path), _get(current.get("config", {}), path)
+        if old is None and ADDED_KEYS.get(".".join(path), _ABSENT) == new:
+            continue
         if old != new:
             problems.append(f"{'.'.join(path)}: {old!r} -> {new!r}")
     if "run" in saved:
         old_run, new_run = saved["run"], current.get("run", {})
         for key in sorted(set(old_run) | set(new_run)):
             old, new = old_run.get(key, _ABSENT), new_run.get(key, _ABSENT)
+            if old is _ABSENT and key in ADDED_KEYS:
+                old = ADDED_KEYS[key]
             if old == new or key in structural:
                 continue
             text = (

@@ -133,3 +133,20 @@ def test_a_checkpoint_from_before_the_checks_resumes_with_one_note():
     assert len(notes) == 1 and "cannot be checked" in notes[0]
     # The structural checks still apply to it.
     assert resume_report(old, _meta(**{"lora.rank": 8}))[0] == ["lora.rank: 64 -> 8"]
+
+
+def test_settings_added_later_default_to_the_old_behaviour():
+    """A checkpoint written before `loss.gan`, `disc.heads`, `disc.trunk` existed resumes with their defaults
+    (what it was trained with), and is refused when the run asks for something else."""
+    from flowsteer_jax.checkpoint import ADDED_KEYS, resume_report, run_settings
+
+    now = _meta()
+    old = _meta()
+    for key in ADDED_KEYS:
+        section, leaf = key.split(".")
+        del old["config"][section][leaf]
+    old["run"] = run_settings(old["config"])
+    assert not set(ADDED_KEYS) & set(old["run"])
+    assert resume_report(old, now) == ([], [])
+    problems, _ = resume_report(old, _meta(**{"disc.trunk": "frozen", "loss.gan": "least_squares"}))
+    assert "disc.trunk: None -> 'frozen'" in problems and "loss.gan: 'hinge' -> 'least_squares'" in problems
