@@ -195,7 +195,7 @@ def test_sample_shapes_ranges_and_npz(tiny_teacher, tmp_path):
 def test_digits_run_end_to_end_and_ablation(tmp_path):
     """A shortened digits run (the README's first command with few steps): teacher pretraining, FlowSteer
     distillation, report, samples in the documented format; the trained student exports to diffusers; then
-    the ablation runner on two Table 5 rows and Table 2, sharing the teacher."""
+    the ablation runner on two Table 5 rows, a Table 4 row and Table 2, sharing the teacher."""
     import json
 
     from flowsteer_jax.digits import ablate
@@ -233,11 +233,17 @@ def test_digits_run_end_to_end_and_ablation(tmp_path):
 
     sets = [f"--set=digits.{k}={v}" for k, v in short.items()] + ["--set=train.batch_size=4"]
     code = ablate.main(
-        ["--workdir", workdir, "--seeds=1", "--steps=2", "--rows=perflow,full", "--set=digits.eval_samples=40", *sets]
-    )
+        ["--workdir", workdir, "--seeds=1", "--steps=2", "--tables=2,5,4", "--rows=perflow,gan_least_squares",
+         "--set=digits.eval_samples=40", *sets]
+    )  # fmt: skip
     assert code == 0
     table = open(os.path.join(workdir, "ablation.md")).read()
     assert "| PeRFlow |" in table and "| full (+feature matching) |" in table and "| 28 | rectified |" in table
+    assert "## Table 4" in table and "| least-squares GAN loss |" in table  # "full" joined: Table 4 reads against it
+    rows = json.load(open(os.path.join(workdir, "ablation.json")))["rows"]
+    assert set(rows) == {"perflow", "full", "gan_least_squares"}
+    assert rows["gan_least_squares"][0]["accuracy"] >= 0 and rows["full"][0]["step"] == 2
     for name in ("perflow_seed0", "full_seed0", "teacher_1_diffusers_seed0", "teacher_28_rectified_seed0"):
         assert os.path.isfile(os.path.join(workdir, "samples", f"{name}.npz")), name
     assert ablate.main(["--workdir", workdir, "--set=digits.nope=1"]) == 2
+    assert ablate.main(["--workdir", workdir, "--tables=3"]) == 2
