@@ -210,6 +210,8 @@ def _prompts(args, folder: str | None) -> tuple[list[str] | None, str | None]:
 def _main(args) -> int:
     if args.digits is not None:
         return _main_digits(args)
+    from flowsteer_jax.evaluation.fid import image_files  # imports jax: not at start-up (--help, bad flags)
+
     if args.weights is not None and not os.path.isdir(args.weights):
         raise InputError(f"--weights={args.weights}: no such folder")
     if args.ref is not None and not os.path.isdir(args.ref):
@@ -229,8 +231,6 @@ def _main(args) -> int:
     print(f"loaded {', '.join(metrics)} scorers in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     ref_features, ref_info = None, None
     if scorers.inception is not None:
-        from flowsteer_jax.evaluation.fid import image_files
-
         ref_files = image_files(args.ref)
         ref_features = folder_features(scorers.inception, ref_files)
         ref_info = {"folder": os.path.abspath(args.ref), "images": len(ref_files)}
@@ -244,8 +244,6 @@ def _main(args) -> int:
         if "hps" in scorers.text:
             prov["hps_version"] = scorers.text["hps"].provenance.get("version")
         if "folder" in spec:
-            from flowsteer_jax.evaluation.fid import image_files
-
             files = image_files(spec["folder"])
             if prompts is not None and len(prompts) != len(files):
                 raise InputError(
@@ -271,8 +269,7 @@ def _main(args) -> int:
         os.makedirs(row_dir, exist_ok=True)
         _write_scores_csv(os.path.join(row_dir, "scores.csv"), files, prompts, per_image)
         rows.append(row)
-        write_report(args.out, [row])  # after every row: nothing lost if a later row fails
-    all_rows = write_report(args.out, [])
+        all_rows = write_report(args.out, [row])  # after every row: nothing lost if a later row fails
     print(markdown_table(all_rows, _sd3_columns(all_rows)), file=sys.stderr)
     print(f"wrote {os.path.join(args.out, 'results.md')} and results.json", file=sys.stderr)
     last = rows[-1]["metrics"]

@@ -107,6 +107,16 @@ def make_train_state(
         )
     rngs = nnx.Rngs(params=config.seed)
 
+    def add_lora(model: nnx.Module, param_dtype: str) -> None:  # the run's adapters: the student's, a LoRA D trunk's
+        apply_lora(
+            model,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            targets=tuple(config.lora.targets),
+            rngs=rngs,
+            param_dtype=jnp.dtype(param_dtype),
+        )
+
     params, frozen, disc_graph = {}, {}, None
     if uses_discriminator(config):
         disc = Discriminator.from_mmdit(
@@ -118,23 +128,9 @@ def make_train_state(
             param_dtype=jnp.dtype(config.disc.param_dtype),
         )
         if config.disc.trunk == "lora":  # zero-init adapters: D starts as the same copy of the teacher's blocks
-            apply_lora(
-                disc,
-                rank=config.lora.rank,
-                alpha=config.lora.alpha,
-                targets=tuple(config.lora.targets),
-                rngs=rngs,
-                param_dtype=jnp.dtype(config.disc.param_dtype),
-            )
+            add_lora(disc, config.disc.param_dtype)
         disc_graph, params["disc"], frozen["disc"] = nnx.split(disc, DISC_TRAINABLE[config.disc.trunk], ...)
-    apply_lora(
-        base_model,
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        targets=tuple(config.lora.targets),
-        rngs=rngs,
-        param_dtype=jnp.dtype(config.lora.dtype),
-    )
+    add_lora(base_model, config.lora.dtype)
     student_graph, params["lora"], frozen["base"] = split_lora(base_model)
     params = {k: params[k] for k in ("lora", "disc") if k in params}
     train_state = {

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from safetensors import safe_open
@@ -23,11 +22,10 @@ from safetensors import safe_open
 from conversion import clip_model as clip_model_conv
 from conversion import open_clip as open_clip_conv
 from conversion.safetensors_io import Checkpoint, ConversionError
-from conversion.table import check_checkpoint
 from flowsteer_jax.models.attention import check_implementation
 from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import linear
-from flowsteer_jax.models.loading import load_weights
+from flowsteer_jax.models.loading import fill_weights, load_weights
 from flowsteer_jax.models.text.clip import (
     CLIPEncoder,
     CLIPTextConfig,
@@ -35,7 +33,7 @@ from flowsteer_jax.models.text.clip import (
     embedding,
     torch_layer_norm,
 )
-from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes, current_mesh, variable_sharding
+from flowsteer_jax.parallel import DEFAULT_RULES, MeshAxes
 
 
 @schema_dataclass(clip_model_conv.DEFAULTS)
@@ -251,22 +249,10 @@ def load_open_clip_model(
     except Exception as e:  # noqa: BLE001  (safetensors raises several types for a bad header; the cause is kept)
         raise ConversionError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     ckpt = open_clip_conv.checkpoint_view(Checkpoint(path, dict.fromkeys(shapes, path), shapes), cfg)
-    table = open_clip_conv.param_table(cfg)
-    check_checkpoint(ckpt, table, config_source)
     model_cfg = CLIPModelConfig.from_normalized(cfg)
-    mesh = mesh if mesh is not None else current_mesh()
-    # `load_weights` without its folder lookup: a weights folder may hold several files (HPS v2 and v2.1).
-    graphdef, state = nnx.split(
-        nnx.eval_shape(lambda: CLIPModel(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation))
-    )
-    variables = dict(nnx.to_flat_state(state))
-    unfilled = sorted(".".join(map(str, p)) for p in set(variables) - {e.flax_path for e in table})
-    if unfilled:  # a variable no tensor fills would silently keep its random init
-        raise ValueError(f"{config_source}: model variables with no checkpoint entry: {unfilled}")
-    with safe_open(path, framework="np") as f:
-        for entry in table:
-            var = variables[entry.flax_path]
-            value = np.asarray(entry.to_flax(f.get_tensor(entry.torch_key))).astype(dtype, copy=False)
-            value = value.reshape(entry.flax_shape)  # a (1,) logit_scale (checkpoint_view); sizes were checked
-            var.set_value(jax.device_put(value, variable_sharding(var, mesh, rules) if mesh is not None else None))
-    return nnx.merge(graphdef, nnx.from_flat_state(variables))
+
+    def build() -> CLIPModel:
+        return CLIPModel(model_cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=implementation)
+
+    # `fill_weights`, not `load_weights`: one file, not a folder (a weights folder may hold HPS v2 and v2.1).
+    return fill_weights(build, ckpt, open_clip_conv.param_table(cfg), config_source, dtype, mesh, rules)

@@ -28,7 +28,7 @@ from conversion import sd3_transformer, training_checkpoint
 from conversion import t5 as t5_conv
 from conversion import vae as vae_conv
 from conversion.errors import InputError
-from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint
+from conversion.safetensors_io import Checkpoint, ConversionError, open_checkpoint, save_checkpoint
 from conversion.table import Entry, check_checkpoint, to_torch_state
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowsteer_jax.models.text.clip import CLIPText, CLIPTextConfig
@@ -49,7 +49,20 @@ def load_weights(
     """The module `build()` makes, with every weight read from `folder` through the key `table` (strict: one
     ConversionError names every unknown, missing or mis-shaped key), one tensor at a time, cast to `dtype` and put
     straight into its sharding on `mesh` (default: the one set with `jax.set_mesh`, else none)."""
-    ckpt = open_checkpoint(folder)
+    return fill_weights(build, open_checkpoint(folder), table, config_path, dtype, mesh, rules)
+
+
+def fill_weights(
+    build: Callable[[], nnx.Module],
+    ckpt: Checkpoint,
+    table: Iterable[Entry],
+    config_path: str,
+    dtype: jnp.dtype,
+    mesh: Mesh | None,
+    rules: Mapping[str, MeshAxes],
+) -> nnx.Module:
+    """`load_weights` from an opened `Checkpoint` (or a view of one: a single file, keys left out) instead of a
+    folder. A tensor whose shape the view reports differently with the same size (a (1,) scalar) is reshaped."""
     table = list(table)
     check_checkpoint(ckpt, table, config_path)
     mesh = mesh if mesh is not None else current_mesh()
@@ -61,6 +74,7 @@ def load_weights(
     for entry in table:
         var = variables[entry.flax_path]
         value = np.asarray(entry.to_flax(ckpt.load(entry.torch_key))).astype(dtype, copy=False)
+        value = value.reshape(entry.flax_shape)  # a no-op unless the view reported another shape of this size
         sharding = variable_sharding(var, mesh, rules) if mesh is not None else None
         var.set_value(jax.device_put(value, sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(variables))
