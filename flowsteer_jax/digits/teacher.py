@@ -8,6 +8,9 @@ conditioning path (`text.prompt_table`). One jitted step (`nnx.split` once, pure
 inside), AdamW with warmup + cosine decay, gradient clipping, an EMA of the weights
 (saved); deterministic for a seed.
 
+Other toy worlds pretrain their teacher here too: `DataSource` says what a batch is (the data latents and their
+prompt ids, drawn on device from the source's tables) and the latent shape; the default is the digits pairs.
+
 Defaults (`DEFAULTS`, the keyword defaults of `pretrain_teacher`): 4 joint blocks, 2 heads x 16 (width 32),
 batch 64, 2,500 steps, AdamW lr 3e-3 (100 warmup steps, cosine to 10%), no weight decay, clip 1.0, EMA 0.999.
 Why these sizes, and what the teacher scores: docs/design.md ("Defaults and where they come from") and the
@@ -20,7 +23,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,21 +60,62 @@ DEFAULTS = dict(
 )
 
 
-def teacher_config(num_layers: int = 4, num_attention_heads: int = 2, attention_head_dim: int = 16) -> MMDiTConfig:
-    """The teacher's MMDiT: patch 2 on the (8, 16, 1) pair image -> a 4x8 patch grid, SD3-shaped conditioning."""
+class DataSource(NamedTuple):
+    """What teacher pretraining draws its batches from.
+
+    `sample(key_a, key_b, batch_size, tables) -> (x0 (B, *latent_shape), prompt ids (B,))` is traced into the
+    jitted step; ids index `embeds`/`pooled`, whose row 0 must be the empty prompt (CFG dropout uses it).
+    """
+
+    latent_shape: tuple[int, int, int]
+    tables: tuple  # arrays `sample` reads (device-resident for the whole run)
+    sample: Callable[..., tuple[jax.Array, jax.Array]]
+    embeds: np.ndarray  # (P, S, J) every prompt's embedding, row 0 = ""
+    pooled: np.ndarray  # (P, D)
+    name: str = "digits"  # recorded in the teacher's metadata
+
+
+def _digit_pairs(k_idx: jax.Array, k_ph: jax.Array, batch_size: int, tables) -> tuple[jax.Array, jax.Array]:
+    images, labels = tables
+    idx = jax.random.randint(k_idx, (batch_size, 2), 0, images.shape[0])
+    x0 = jnp.concatenate([images[idx[:, 0]], images[idx[:, 1]]], axis=-1)[..., None]
+    digits = labels[idx]
+    phrasing = jax.random.randint(k_ph, (batch_size,), 0, data.NUM_PHRASINGS)
+    return x0, data.prompt_index(digits[:, 0], digits[:, 1], phrasing)
+
+
+def digits_source(text_seed: int = 0) -> DataSource:
+    """Random pairs of training-split digits in random phrasings (the digits world)."""
+    images, labels = data.single_digits("train")
+    embeds, pooled = text.prompt_table(text_seed)
+    return DataSource(
+        data.IMAGE_SHAPE, (jnp.asarray(data.scale(images)), jnp.asarray(labels)), _digit_pairs, embeds, pooled
+    )
+
+
+def teacher_config(
+    num_layers: int = 4,
+    num_attention_heads: int = 2,
+    attention_head_dim: int = 16,
+    latent_shape: tuple[int, int, int] = data.IMAGE_SHAPE,
+) -> MMDiTConfig:
+    """The teacher's MMDiT: patch 2 on the latents (the (8, 16, 1) digit pair -> a 4x8 patch grid), SD3-shaped
+    conditioning."""
     inner = num_attention_heads * attention_head_dim
+    height, width, channels = latent_shape
+    side = max(height, width)
     return MMDiTConfig(
-        sample_size=16,  # base size 8 patches for the positional table
+        sample_size=side,  # base size side / 2 patches for the positional table
         patch_size=2,
-        in_channels=1,
+        in_channels=channels,
         num_layers=num_layers,
         attention_head_dim=attention_head_dim,
         num_attention_heads=num_attention_heads,
         joint_attention_dim=text.JOINT_ATTENTION_DIM,
         caption_projection_dim=inner,
         pooled_projection_dim=text.POOLED_DIM,
-        out_channels=1,
-        pos_embed_max_size=8,  # covers the 4x8 grid (centre crop)
+        out_channels=channels,
+        pos_embed_max_size=side // 2,  # covers the patch grid (centre crop)
     )
 
 
@@ -91,14 +137,10 @@ def _schedule(learning_rate: float, warmup_steps: int, steps: int) -> optax.Sche
     )
 
 
-def _loss(model: MMDiT, key: jax.Array, batch_size: int, tables) -> jax.Array:
-    images, labels, embeds, pooled = tables
-    k_idx, k_ph, k_drop, k_t, k_eps = jax.random.split(key, 5)
-    idx = jax.random.randint(k_idx, (batch_size, 2), 0, images.shape[0])
-    x0 = jnp.concatenate([images[idx[:, 0]], images[idx[:, 1]]], axis=-1)[..., None]
-    digits = labels[idx]
-    phrasing = jax.random.randint(k_ph, (batch_size,), 0, data.NUM_PHRASINGS)
-    pid = data.prompt_index(digits[:, 0], digits[:, 1], phrasing)
+def _loss(model: MMDiT, key: jax.Array, batch_size: int, sample, tables) -> jax.Array:
+    data_tables, embeds, pooled = tables
+    k_a, k_b, k_drop, k_t, k_eps = jax.random.split(key, 5)
+    x0, pid = sample(k_a, k_b, batch_size, data_tables)
     pid = jnp.where(jax.random.uniform(k_drop, (batch_size,)) < CFG_DROPOUT, 0, pid)  # 0: the empty prompt
     t = jax.nn.sigmoid(jax.random.normal(k_t, (batch_size,)))
     eps = jax.random.normal(k_eps, x0.shape)
@@ -108,9 +150,9 @@ def _loss(model: MMDiT, key: jax.Array, batch_size: int, tables) -> jax.Array:
     return jnp.mean(jnp.square(v - (eps - x0)))
 
 
-def _train_step(graphdef, tx, batch_size, ema_decay, params, rest, opt_state, ema, step, key, tables):
+def _train_step(graphdef, tx, batch_size, sample, ema_decay, params, rest, opt_state, ema, step, key, tables):
     def loss_fn(p):
-        return _loss(nnx.merge(graphdef, p, rest), jax.random.fold_in(key, step), batch_size, tables)
+        return _loss(nnx.merge(graphdef, p, rest), jax.random.fold_in(key, step), batch_size, sample, tables)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -135,6 +177,7 @@ def pretrain_teacher(
     grad_clip: float = DEFAULTS["grad_clip"],
     ema_decay: float | None = DEFAULTS["ema_decay"],
     text_seed: int = DEFAULTS["text_seed"],
+    source: DataSource | None = None,
     progress: bool = True,
 ) -> MMDiT:
     """Train the teacher from scratch and write it to `folder` as a diffusers `transformer/` folder.
@@ -142,7 +185,9 @@ def pretrain_teacher(
     Returns the trained MMDiT (the EMA weights when `ema_decay` is set; those are what is saved). The folder is
     written to a temporary sibling and renamed into place, so `folder` either does not exist or is complete.
     `text_seed` picks the frozen text encoders (`text.prompt_table`): the student must use the same.
+    `source`: the data (default `digits_source(text_seed)`).
     """
+    source = digits_source(text_seed) if source is None else source
     settings = dict(
         steps=steps,
         batch_size=batch_size,
@@ -157,12 +202,12 @@ def pretrain_teacher(
         ema_decay=ema_decay,
         text_seed=text_seed,
     )
+    if source.name != "digits":
+        settings.update(data=source.name, latent_shape=list(source.latent_shape))
     start = time.time()
-    images, labels = data.single_digits("train")
-    embeds, pooled = text.prompt_table(text_seed)
-    tables = (jnp.asarray(data.scale(images)), jnp.asarray(labels), jnp.asarray(embeds), jnp.asarray(pooled))
-
-    model = MMDiT(teacher_config(num_layers, num_attention_heads, attention_head_dim), rngs=nnx.Rngs(seed))
+    tables = (source.tables, jnp.asarray(source.embeds), jnp.asarray(source.pooled))
+    mcfg = teacher_config(num_layers, num_attention_heads, attention_head_dim, source.latent_shape)
+    model = MMDiT(mcfg, rngs=nnx.Rngs(seed))
     _zero_init(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.chain(
@@ -172,12 +217,12 @@ def pretrain_teacher(
     opt_state = tx.init(params)
     ema = jax.tree.map(jnp.copy, params)
     step_fn = jax.jit(
-        partial(_train_step, graphdef, tx, batch_size, 0.0 if ema_decay is None else ema_decay),
+        partial(_train_step, graphdef, tx, batch_size, source.sample, 0.0 if ema_decay is None else ema_decay),
         donate_argnums=(0, 2, 3),
     )
     key = jax.random.key(seed)
     losses = []
-    bar = tqdm(range(steps), desc="digits teacher", disable=not progress, mininterval=1.0)
+    bar = tqdm(range(steps), desc=f"{source.name} teacher", disable=not progress, mininterval=1.0)
     for step in bar:
         params, opt_state, ema, loss = step_fn(params, rest, opt_state, ema, jnp.int32(step), key, tables)
         losses.append(loss)

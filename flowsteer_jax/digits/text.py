@@ -8,11 +8,15 @@ re-drawn: no zero biases, no all-ones norms), so the conditioning goes through S
 penultimate states concatenated and zero-padded to the T5 width, then T5 tokens along the sequence; pooled =
 CLIP-L projection ++ CLIP-G projection. Widths: CLIP-L 32 + CLIP-G 64 = pooled 96 <= T5 width 128 = the
 MMDiT's `joint_attention_dim`; `prompt_embeds` is (B, 2 * MAX_LENGTH, 128).
+
+Every function takes an optional `language` (a world's words and prompts); None is the digits world's, so other
+toy worlds (`flowsteer_jax.compose`) share this text side with their own vocabulary.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +43,38 @@ POOLED_DIM = CLIP_L["projection_dim"] + CLIP_G["projection_dim"]
 SEQ_LEN = 2 * MAX_LENGTH  # CLIP tokens then T5 tokens
 
 
-def vocabulary() -> dict[str, int]:
-    """Special tokens, then every word the prompts use (numerals included), then the digit words."""
+class Language(NamedTuple):
+    """A toy world's text: its words (the vocabulary after the special tokens, in id order) and every prompt it
+    has, the empty (unconditional) prompt first; `prompt_table` embeds them all once."""
+
+    words: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+
+@functools.cache
+def digits_language() -> Language:
+    """Every word the digits prompts use (numerals included), then the digit words; the digits world's prompts."""
     words: list[str] = []
     for phrasing in PHRASINGS:
         for w in phrasing.split():
             if not w.startswith("{") and w not in words:
                 words.append(w)
     words += [str(d) for d in range(10)] + list(WORDS)
+    return Language(tuple(words), all_prompts())
+
+
+def vocabulary(language: Language | None = None) -> dict[str, int]:
+    """Special tokens, then the language's words (default: the digits world's)."""
+    words = (language or digits_language()).words
     return {t: i for i, t in enumerate((*SPECIAL, *words))}
 
 
-def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+def make_tokenizer(kind: str, language: Language | None = None) -> PreTrainedTokenizerFast:
     """`kind` "clip": BOS $A EOS; "t5": $A EOS. Lower-cased, split on whitespace and punctuation, unknown
     words -> `<unk>`, padded with `<pad>`, `model_max_length` = `MAX_LENGTH`."""
     if kind not in ("clip", "t5"):
         raise ValueError(f"kind must be 'clip' or 't5', got {kind!r}")
-    vocab = vocabulary()
+    vocab = vocabulary(language)
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -98,9 +117,9 @@ def randomize(model: nnx.Module, seed: int) -> nnx.Module:
     return model
 
 
-def make_encoders(seed: int = 0) -> TextEncoders:
+def make_encoders(seed: int = 0, language: Language | None = None) -> TextEncoders:
     """CLIP-L-, CLIP-G- and T5-shaped encoders with fixed random weights drawn from `seed`."""
-    vocab = len(vocabulary())
+    vocab = len(vocabulary(language))
     ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
     clip_l = CLIPText(
         CLIPTextConfig(vocab_size=vocab, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu", **ids, **CLIP_L),
@@ -115,11 +134,10 @@ def make_encoders(seed: int = 0) -> TextEncoders:
     return TextEncoders(randomize(clip_l, base + 1), randomize(clip_g, base + 2), randomize(t5, base + 3))
 
 
-def make_prompt_encoder(seed: int = 0) -> SD3PromptEncoder:
-    """SD3's prompt encoding with the digits world's tokenizers and random frozen encoders (`seed`)."""
-    return SD3PromptEncoder(
-        make_tokenizer("clip"), make_tokenizer("clip"), make_tokenizer("t5"), make_encoders(seed), JOINT_ATTENTION_DIM
-    )
+def make_prompt_encoder(seed: int = 0, language: Language | None = None) -> SD3PromptEncoder:
+    """SD3's prompt encoding with the language's tokenizers and random frozen encoders (`seed`)."""
+    clip, t5 = make_tokenizer("clip", language), make_tokenizer("t5", language)
+    return SD3PromptEncoder(clip, clip, t5, make_encoders(seed, language), JOINT_ATTENTION_DIM)
 
 
 def encode_with(encoder: SD3PromptEncoder, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -128,46 +146,57 @@ def encode_with(encoder: SD3PromptEncoder, prompts: list[str]) -> tuple[np.ndarr
     return np.asarray(out.prompt_embeds, np.float32), np.asarray(out.pooled_prompt_embeds, np.float32)
 
 
-@functools.cache
-def prompt_table(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The embeddings of every prompt of the world, in `data.all_prompts()` order (index 0: the empty prompt).
+def prompt_table(seed: int = 0, language: Language | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings of every prompt of the language (default: the digits world's), in its prompt order (index 0:
+    the empty prompt).
 
-    Read-only arrays (601, SEQ_LEN, 128) and (601, 96); computed once per seed.
+    Read-only arrays (P, SEQ_LEN, 128) and (P, 96) (P = 601 for the digits world); computed once per seed.
     """
-    embeds, pooled = encode_with(make_prompt_encoder(seed), list(all_prompts()))
+    return _prompt_table(seed, language or digits_language())
+
+
+@functools.cache
+def _prompt_table(seed: int, language: Language) -> tuple[np.ndarray, np.ndarray]:
+    embeds, pooled = encode_with(_encoder(seed, language), list(language.prompts))
     embeds.setflags(write=False)
     pooled.setflags(write=False)
     return embeds, pooled
 
 
 @functools.cache
-def _prompt_ids() -> dict[str, int]:
-    return {p: i for i, p in enumerate(all_prompts())}
+def _prompt_ids(language: Language) -> dict[str, int]:
+    return {p: i for i, p in enumerate(language.prompts)}
 
 
-def encode(prompts: str | list[str], *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    prompts: str | list[str], *, seed: int = 0, language: Language | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_embeds (B, SEQ_LEN, 128), pooled (B, 96)) float32 numpy; "" is the unconditional prompt.
 
-    Prompts of the world come from the cached `prompt_table(seed)`; any other text is encoded on the fly.
+    Prompts of the language come from the cached `prompt_table(seed, language)`; any other text is encoded on the
+    fly.
     """
+    language = language or digits_language()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    table_e, table_p = prompt_table(seed)
-    ids = _prompt_ids()
+    table_e, table_p = prompt_table(seed, language)
+    ids = _prompt_ids(language)
     idx = np.array([ids.get(p, -1) for p in prompts], np.int64)
     embeds, pooled = table_e[np.maximum(idx, 0)], table_p[np.maximum(idx, 0)]
     missing = np.flatnonzero(idx < 0)
     if missing.size:
-        e, p = encode_with(_encoder(seed), [prompts[i] for i in missing])
+        e, p = encode_with(_encoder(seed, language), [prompts[i] for i in missing])
         embeds[missing], pooled[missing] = e, p
     return embeds, pooled
 
 
 @functools.cache
-def _encoder(seed: int) -> SD3PromptEncoder:
-    return make_prompt_encoder(seed)
+def _encoder(seed: int, language: Language | None = None) -> SD3PromptEncoder:
+    return make_prompt_encoder(seed, language)
 
 
-def encode_with_uncond(prompts: str | list[str], *, seed: int = 0) -> tuple[np.ndarray, ...]:
+def encode_with_uncond(
+    prompts: str | list[str], *, seed: int = 0, language: Language | None = None
+) -> tuple[np.ndarray, ...]:
     """(prompt_embeds, pooled, uncond_embeds, uncond_pooled): the conditioning `evaluate.sample` takes for CFG;
     the unconditional ("") pair has batch 1."""
-    return (*encode(prompts, seed=seed), *encode([""], seed=seed))
+    return (*encode(prompts, seed=seed, language=language), *encode([""], seed=seed, language=language))
