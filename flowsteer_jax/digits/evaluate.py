@@ -152,16 +152,18 @@ def evaluate(
 # --- sampling ---
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def _sample_batch(graphdef, state, noise, embeds, pooled, uncond_embeds, uncond_pooled, sigmas, guidance, *, cfg):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "raw"))
+def _sample_batch(
+    graphdef, state, noise, embeds, pooled, uncond_embeds, uncond_pooled, sigmas, guidance, *, cfg, raw=False
+):
     model_fn = model_velocity(nnx.merge(graphdef, state))
     cond = {"prompt_embeds": embeds, "pooled": pooled}
     uncond = None
     if cfg:
         uncond = {"prompt_embeds": uncond_embeds, "pooled": uncond_pooled}
         uncond = {k: jnp.broadcast_to(u, cond[k].shape) for k, u in uncond.items()}
-    x = flow_sample(model_fn, noise, sigmas, cond, uncond, guidance if cfg else 0.0)
-    return data.to_unit(x.astype(jnp.float32))
+    x = flow_sample(model_fn, noise, sigmas, cond, uncond, guidance if cfg else 0.0).astype(jnp.float32)
+    return x if raw else data.to_unit(x)
 
 
 def sample(
@@ -175,8 +177,10 @@ def sample(
     guidance: float = 1.0,
     batch_size: int = 250,
     progress: bool = True,
+    raw: bool = False,
 ) -> np.ndarray:
-    """Generate (N, 8, 16, 1) float32 images in [0, 1] from (N, 8, 16, 1) `noise`.
+    """Generate (N, 8, 16, 1) float32 images in [0, 1] from (N, 8, 16, 1) `noise` (`raw`: the final latents
+    as they are, any latent shape, for worlds with a VAE).
 
     `encoder_outputs`: `(prompt_embeds, pooled)` for the N prompts, or `(prompt_embeds, pooled, uncond_embeds,
     uncond_pooled)` (the unconditional pair with batch 1 or N; `text.encode_with_uncond` returns this), needed
@@ -220,6 +224,7 @@ def sample(
             sig,
             jnp.float32(guidance),
             cfg=cfg,
+            raw=raw,
         )
         out.append(np.asarray(x)[: batch_size - pad])
     return np.concatenate(out).astype(np.float32)

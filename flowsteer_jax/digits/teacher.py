@@ -237,11 +237,15 @@ def pretrain_teacher(
         train_seconds=round(time.time() - start, 1),
         final_loss=float(losses[-100:].mean()) if losses.size else None,
     )
-    _write_atomically(model, folder, meta)
+    write_atomically(model, folder, meta)
     return model
 
 
-def _write_atomically(model: MMDiT, folder: str, meta: dict) -> None:
+def write_atomically(
+    model: nnx.Module, folder: str, meta: dict, save: Callable = save_transformer, meta_file: str = META_FILE
+) -> None:
+    """`save(model, folder)` plus `meta` as `meta_file` (written last), through a temporary sibling renamed into
+    place: `folder` either does not exist or is complete."""
     folder = os.path.abspath(folder)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
@@ -249,8 +253,8 @@ def _write_atomically(model: MMDiT, folder: str, meta: dict) -> None:
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    save_transformer(model, tmp)
-    with open(os.path.join(tmp, META_FILE), "w") as f:
+    save(model, tmp)
+    with open(os.path.join(tmp, meta_file), "w") as f:
         json.dump(meta, f, indent=2)
     if os.path.exists(folder):
         shutil.rmtree(folder)

@@ -23,7 +23,11 @@ from flowsteer_jax.flow.sampling import NUM_TRAIN_TIMESTEPS
 
 Embeds = dict[str, np.ndarray]  # {"prompt_embeds": (B, S, J), "pooled": (B, P)}
 
-WORLDS = {"sd3": "flowsteer_jax.worlds.sd3", "digits": "flowsteer_jax.digits.world"}
+WORLDS = {
+    "sd3": "flowsteer_jax.worlds.sd3",
+    "digits": "flowsteer_jax.digits.world",
+    "digits_compose": "flowsteer_jax.compose.world",
+}
 
 
 @dataclasses.dataclass

@@ -1,0 +1,178 @@
+"""Scenes of the compositional digits world: a 2x2 canvas of coloured scikit-learn digits, GenEval-like prompts.
+
+A scene is a (CANVAS, CANVAS, 3) RGB image in [-1, 1] on black: four CELL x CELL cells (row-major: top left,
+top right, bottom left, bottom right), each empty or holding one 8x8 digit at a random offset (`JITTER`) in one
+of `COLOURS` (pixel = digit intensity x colour). Digits come from the digits world's fixed split
+(`digits.data.split_indices`): training scenes from the training split, reference scenes from the held-out one.
+
+Prompts are GenEval-like tasks (`TASKS`); each names up to two objects (a digit, and where the task says so a
+cell or a colour) and implies how many digits the canvas holds; what a prompt leaves open (cells, colours) is
+drawn at random, so a prompt has many right images:
+
+- single "a 3"; two "a 3 and a 7"; counting "three copies of 5" (2-4 of one digit);
+- colour "a red 3"; position "a 3 top left and a 7 bottom right"; colour binding "a red 3 and a blue 7".
+
+`Spec` holds each prompt's objects as arrays (digit, cell or -1, colour or -1) and its digit count, which is all
+`evaluate` needs to score an image against its prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+
+from flowsteer_jax.digits import data as digits_data
+
+CELL = 12  # a cell's side in pixels (the 8x8 digit plus room to move)
+CANVAS = 2 * CELL
+IMAGE_SHAPE = (CANVAS, CANVAS, 3)
+NUM_CELLS = 4
+JITTER = 2  # the digit's offset inside its cell is 1 + U{0..JITTER} pixels on each axis
+MAX_OBJECTS = 4  # counting goes up to four
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+# Saturated but not pure primaries, so every colour lights all channels a little (as anti-aliased ink would).
+COLOURS = {
+    "red": (1.0, 0.15, 0.15),
+    "green": (0.15, 1.0, 0.15),
+    "blue": (0.25, 0.35, 1.0),
+    "yellow": (1.0, 1.0, 0.1),
+}
+COLOUR_NAMES = tuple(COLOURS)
+COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+TASKS = ("single", "two", "counting", "colour", "position", "binding")
+
+
+class Spec(NamedTuple):
+    """Every prompt's content (arrays over prompts, row 0 = the empty prompt, which asks for nothing)."""
+
+    task: np.ndarray  # (P,) index into TASKS, -1 for ""
+    count: np.ndarray  # (P,) digits on the canvas
+    digit: np.ndarray  # (P, MAX_OBJECTS) the objects' digits, -1 = no object
+    cell: np.ndarray  # (P, MAX_OBJECTS) the cell each object must be in, -1 = any
+    colour: np.ndarray  # (P, MAX_OBJECTS) the colour each object must have, -1 = any
+
+
+class Scenes(NamedTuple):
+    images: np.ndarray  # (N, CANVAS, CANVAS, 3) float32 in [-1, 1]
+    cells: np.ndarray  # (N, NUM_CELLS) digit in each cell, -1 = empty
+    colours: np.ndarray  # (N, NUM_CELLS) colour index in each cell, -1 = empty
+    prompt_ids: np.ndarray  # (N,) index into `all_prompts()`
+
+
+def _objects() -> list[tuple[int, str, list[tuple[int, int, int]]]]:
+    """(task, prompt, [(digit, cell, colour), ...]) for every prompt, in a fixed order."""
+    out = []
+    ds = range(10)
+    for d in ds:
+        out.append((0, f"a {d}", [(d, -1, -1)]))
+    for a, b in itertools.product(ds, ds):
+        out.append((1, f"a {a} and a {b}", [(a, -1, -1), (b, -1, -1)]))
+    for n, d in itertools.product(COUNT_WORDS, ds):
+        out.append((2, f"{COUNT_WORDS[n]} copies of {d}", [(d, -1, -1)] * n))
+    for c, d in itertools.product(range(len(COLOURS)), ds):
+        out.append((3, f"a {COLOUR_NAMES[c]} {d}", [(d, -1, c)]))
+    for a, b in itertools.product(ds, ds):
+        for p, q in itertools.permutations(range(NUM_CELLS), 2):
+            out.append((4, f"a {a} {POSITIONS[p]} and a {b} {POSITIONS[q]}", [(a, p, -1), (b, q, -1)]))
+    for a, b in itertools.product(ds, ds):
+        for c, e in itertools.product(range(len(COLOURS)), repeat=2):
+            out.append((5, f"a {COLOUR_NAMES[c]} {a} and a {COLOUR_NAMES[e]} {b}", [(a, -1, c), (b, -1, e)]))
+    return out
+
+
+@functools.cache
+def all_prompts() -> tuple[str, ...]:
+    """Every prompt of the world, "" first (2,981 in all)."""
+    return ("", *(p for _, p, _ in _objects()))
+
+
+@functools.cache
+def spec() -> Spec:
+    """The content of every prompt of `all_prompts()` (read-only arrays)."""
+    objs = _objects()
+    p = len(objs) + 1
+    task, count = np.full(p, -1, np.int64), np.zeros(p, np.int64)
+    arrays = [np.full((p, MAX_OBJECTS), -1, np.int64) for _ in range(3)]
+    for i, (t, _, items) in enumerate(objs, start=1):
+        task[i], count[i] = t, len(items)
+        for j, item in enumerate(items):
+            for array, v in zip(arrays, item, strict=True):
+                array[i, j] = v
+    out = Spec(task, count, *arrays)
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+@functools.cache
+def words() -> tuple[str, ...]:
+    """The vocabulary after the special tokens: every word of the prompts, in first-use order."""
+    return tuple(dict.fromkeys(w for prompt in all_prompts() for w in prompt.split()))
+
+
+@functools.cache
+def task_prompts() -> tuple[np.ndarray, ...]:
+    """For each task, the ids of its prompts."""
+    return tuple(np.flatnonzero(spec().task == t) for t in range(len(TASKS)))
+
+
+def sample_prompts(rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` prompt ids: a task uniformly (so the 10 single-digit prompts are as common as the 1,200 position
+    prompts put together), then one of its prompts uniformly."""
+    by_task = task_prompts()
+    tasks = rng.integers(0, len(TASKS), size=n)
+    return np.array([by_task[t][rng.integers(len(by_task[t]))] for t in tasks], np.int64)
+
+
+def layout(rng: np.random.Generator, prompt_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A random scene content for each prompt: (cells, colours), each (N, NUM_CELLS), -1 = empty. Objects with a
+    cell go there; the others go to random free cells; unnamed colours are uniform."""
+    s = spec()
+    n = len(prompt_ids)
+    cells, colours = np.full((n, NUM_CELLS), -1, np.int64), np.full((n, NUM_CELLS), -1, np.int64)
+    for i, pid in enumerate(prompt_ids):
+        digit, cell, colour = s.digit[pid], s.cell[pid], s.colour[pid]
+        objects = np.flatnonzero(digit >= 0)
+        fixed = set(cell[objects][cell[objects] >= 0].tolist())
+        free = [c for c in rng.permutation(NUM_CELLS).tolist() if c not in fixed]
+        for j in objects:
+            where = cell[j] if cell[j] >= 0 else free.pop()
+            cells[i, where] = digit[j]
+            colours[i, where] = colour[j] if colour[j] >= 0 else rng.integers(len(COLOURS))
+    return cells, colours
+
+
+def render(rng: np.random.Generator, cells: np.ndarray, colours: np.ndarray, split: str = "train") -> np.ndarray:
+    """(N, CANVAS, CANVAS, 3) float32 images in [-1, 1]: a random `split` image of each cell's digit, coloured,
+    at a random offset in its cell."""
+    images, labels = digits_data.single_digits(split)
+    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    palette = np.asarray(list(COLOURS.values()), np.float32)
+    n = len(cells)
+    out = np.zeros((n, CANVAS, CANVAS, 3), np.float32)
+    for i, k in zip(*np.nonzero(cells >= 0), strict=True):
+        d = cells[i, k]
+        ink = images[by_class[d][rng.integers(len(by_class[d]))]] / 16.0
+        dy, dx = 1 + rng.integers(0, JITTER + 1, size=2)
+        y, x = (k // 2) * CELL + dy, (k % 2) * CELL + dx
+        out[i, y : y + 8, x : x + 8] = ink[..., None] * palette[colours[i, k]]
+    return digits_data.from_unit(out)
+
+
+def sample_scenes(
+    rng: np.random.Generator, n: int, split: str = "train", prompt_ids: np.ndarray | None = None
+) -> Scenes:
+    """`n` scenes for random prompts (`sample_prompts`) or the given ids, from `split`'s digits."""
+    ids = sample_prompts(rng, n) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+    cells, colours = layout(rng, ids)
+    return Scenes(render(rng, cells, colours, split), cells, colours, ids)
+
+
+def cell_crops(images: np.ndarray) -> np.ndarray:
+    """(N, CANVAS, CANVAS, 3) -> (N, NUM_CELLS, CELL, CELL, 3), cells row-major."""
+    images = np.asarray(images)
+    n = len(images)
+    return images.reshape(n, 2, CELL, 2, CELL, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, NUM_CELLS, CELL, CELL, 3)
