@@ -1,0 +1,101 @@
+"""The compositional digits world: scenes and prompts, the VAE (diffusers folder, SD3-style latent factors), the
+classifier on held-out cells, scoring, and a shortened run of the trainer in the world."""
+
+import json
+import os
+
+import numpy as np
+
+from flowsteer_jax.compose import data, evaluate, vae
+from flowsteer_jax.digits import data as digits_data
+from flowsteer_jax.digits import text
+
+
+def test_prompts_and_scenes_match_their_spec(rng):
+    prompts, spec = data.all_prompts(), data.spec()
+    assert prompts[0] == "" and len(prompts) == len(set(prompts)) == 2981 == len(spec.task)
+    assert spec.task[0] == -1 and set(spec.task[1:]) == set(range(len(data.TASKS)))
+    assert prompts[int(np.flatnonzero(spec.count == 4)[0])].startswith("four copies of")
+    scenes = data.sample_scenes(rng, 300, "train")
+    assert scenes.images.shape == (300, 24, 24, 3) and scenes.images.dtype == np.float32
+    assert scenes.images.min() >= -1 and scenes.images.max() <= 1
+    # empty cells are black; full ones hold ink of their colour
+    crops = data.cell_crops(scenes.images)
+    assert np.all(crops[scenes.cells < 0] == -1) and np.all(crops[scenes.cells >= 0].max((1, 2, 3)) > 0)
+    assert np.array_equal(scenes.cells >= 0, scenes.colours >= 0)
+    # every scene satisfies its prompt; a shifted prompt rarely does
+    truth = evaluate.score_cells(scenes.cells, scenes.colours, scenes.prompt_ids)
+    assert all(v == 1.0 for v in truth.values()), truth
+    wrong = evaluate.score_cells(scenes.cells, scenes.colours, np.roll(scenes.prompt_ids, 1))
+    assert wrong["accuracy"] < 0.1
+    # the language covers every prompt word; the encoders embed all prompts once
+    lang = text.Language(data.words(), prompts)
+    assert "<unk>" not in text.make_tokenizer("clip", lang).tokenize(" ".join(data.words()))
+
+
+def test_scenes_use_their_split(rng):
+    cells, colours = np.array([[3, -1, -1, -1]]), np.array([[0, -1, -1, -1]])  # a red 3, top left
+    for split in digits_data.SPLITS:
+        images, labels = digits_data.single_digits(split)
+        threes = images[labels == 3] / 16.0
+        crop = digits_data.to_unit(data.render(rng, cells, colours, split))[0, :12, :12, 0]  # red = the ink
+        offsets = [(y, x) for y in range(1, 4) for x in range(1, 4)]
+        assert any(np.abs(crop[y : y + 8, x : x + 8] - t).max() < 1e-5 for y, x in offsets for t in threes), split
+
+
+def test_vae_trains_saves_and_sets_latent_factors(tmp_path):
+    from flowsteer_jax.models.loading import load_vae
+
+    folder = str(tmp_path / "vae")
+    model = vae.train_vae(folder, steps=3, batch_size=4, train_scenes=64, progress=False)
+    assert vae.is_complete(folder)
+    meta = vae.vae_meta(folder)
+    assert meta["steps"] == 3 and meta["final_mse"] > 0
+    loaded = load_vae(folder)
+    assert loaded.config.scaling_factor == model.config.scaling_factor != 1.0
+    assert loaded.config.shift_factor == model.config.shift_factor != 0.0
+    scenes = data.sample_scenes(np.random.default_rng(0), 64, "train")
+    z = vae.encode_latents(loaded, scenes.images)
+    assert z.shape == (64, *vae.LATENT_SHAPE)
+    # the factors standardise the training latents, as SD3's do
+    assert abs(z.mean()) < 0.2 and abs(z.std() - 1) < 0.2
+    images = vae.decode(loaded, z[:5])
+    assert images.shape == (5, 24, 24, 3) and images.min() >= 0 and images.max() <= 1
+    assert vae.ensure_vae(folder) is not None  # reused, not retrained
+
+
+def test_classifier_on_held_out_scenes():
+    acc = evaluate.classifier_accuracy(300)
+    assert acc["digit"] > 0.9 and acc["colour"] > 0.95 and acc["scene"] > 0.7, acc
+    real = evaluate.reference_scenes(300, seed=7)
+    m = evaluate.evaluate(digits_data.to_unit(real.images), real.prompt_ids, digits_data.to_unit(real.images))
+    assert m["accuracy"] > 0.7 and m["count"] > 0.95 and m["mse_to_reference"] == 0
+    noise = np.random.default_rng(0).uniform(size=real.images.shape)
+    assert evaluate.evaluate(noise, real.prompt_ids)["fd"] > 10 * m["fd"]
+
+
+def test_compose_run_end_to_end(tmp_path):
+    """The trainer in the world, shortened: VAE, teacher, a few FlowSteer steps, report."""
+    from flowsteer_jax.train import train
+    from tests.test_train import _load_config
+
+    config = _load_config("digits_compose")
+    config.compose.update(vae_train_steps=3, teacher_train_steps=3, teacher_layers=1, pool_size=64, eval_samples=12)
+    config.train.update(num_steps=2, batch_size=4)
+    config.checkpoint.every_steps = 2
+    workdir = str(tmp_path / "compose")
+    out = train(config, workdir)
+    assert out["step"] == 2 and not out["stopped"]
+    metrics = json.load(open(os.path.join(workdir, "metrics.json")))
+    assert set(metrics["rows"]) == {
+        "teacher_28_diffusers",
+        "teacher_4_diffusers",
+        "teacher_4_rectified",
+        "teacher_4_rectified_nocfg",
+        "student_4",
+    }
+    for name in metrics["rows"]:
+        with np.load(os.path.join(workdir, "samples", f"{name}.npz")) as f:
+            assert f["images"].shape == (12, 24, 24, 3)
+    assert metrics["classifier_held_out"]["digit"] > 0.9
+    assert "FlowSteer student, 4 steps, no CFG" in open(os.path.join(workdir, "report.md")).read()
