@@ -13,7 +13,7 @@ from flowsteer_jax.digits import text
 
 def test_prompts_and_scenes_match_their_spec(rng):
     prompts, spec = data.all_prompts(), data.spec()
-    assert prompts[0] == "" and len(prompts) == len(set(prompts)) == 2981 == len(spec.task)
+    assert prompts[0] == "" and len(prompts) == len(set(prompts)) == 586 == len(spec.task)
     assert spec.task[0] == -1 and set(spec.task[1:]) == set(range(len(data.TASKS)))
     assert prompts[int(np.flatnonzero(spec.count == 4)[0])].startswith("four copies of")
     scenes = data.sample_scenes(rng, 300, "train")

@@ -33,12 +33,15 @@ NUM_CELLS = 4
 JITTER = 2  # the digit's offset inside its cell is 1 + U{0..JITTER} pixels on each axis
 MAX_OBJECTS = 4  # counting goes up to four
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+# Five digits of distinct shapes and three colours: ~600 prompts (as many as the digits world), few enough for a
+# CPU teacher to learn the bindings in minutes; all ten digits x four colours (2,981 prompts) left a width-32
+# teacher at chance on digit identity after 2,000 steps.
+DIGITS = (0, 1, 3, 4, 7)
 # Saturated but not pure primaries, so every colour lights all channels a little (as anti-aliased ink would).
 COLOURS = {
     "red": (1.0, 0.15, 0.15),
     "green": (0.15, 1.0, 0.15),
     "blue": (0.25, 0.35, 1.0),
-    "yellow": (1.0, 1.0, 0.1),
 }
 COLOUR_NAMES = tuple(COLOURS)
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
@@ -65,7 +68,7 @@ class Scenes(NamedTuple):
 def _objects() -> list[tuple[int, str, list[tuple[int, int, int]]]]:
     """(task, prompt, [(digit, cell, colour), ...]) for every prompt, in a fixed order."""
     out = []
-    ds = range(10)
+    ds = DIGITS
     for d in ds:
         out.append((0, f"a {d}", [(d, -1, -1)]))
     for a, b in itertools.product(ds, ds):
@@ -85,7 +88,7 @@ def _objects() -> list[tuple[int, str, list[tuple[int, int, int]]]]:
 
 @functools.cache
 def all_prompts() -> tuple[str, ...]:
-    """Every prompt of the world, "" first (2,981 in all)."""
+    """Every prompt of the world, "" first (586 in all)."""
     return ("", *(p for _, p, _ in _objects()))
 
 
