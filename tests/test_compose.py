@@ -76,11 +76,11 @@ def test_classifier_on_held_out_scenes():
 
 def test_compose_run_end_to_end(tmp_path):
     """The trainer in the world, shortened: VAE, teacher, a few FlowSteer steps, report."""
+    from configs.digits_compose import get_config
     from flowsteer_jax.train import train
-    from tests.test_train import _load_config
 
-    config = _load_config("digits_compose")
-    config.compose.update(vae_train_steps=3, teacher_train_steps=3, teacher_layers=1, pool_size=64, eval_samples=12)
+    config = get_config()
+    config.compose.update(vae_train_steps=3, teacher_train_steps=3, teacher_layers=2, pool_size=64, eval_samples=12)
     config.train.update(num_steps=2, batch_size=4)
     config.checkpoint.every_steps = 2
     workdir = str(tmp_path / "compose")
