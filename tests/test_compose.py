@@ -33,6 +33,24 @@ def test_prompts_and_scenes_match_their_spec(rng):
     assert "<unk>" not in text.make_tokenizer("clip", lang).tokenize(" ".join(data.words()))
 
 
+def test_task_selection(rng):
+    """A config's `tasks` picks the prompts trained on, the evaluation prompts and the FD reference's scenes."""
+    import pytest
+
+    assert data.task_ids("") == data.task_ids(None) == tuple(range(len(data.TASKS)))
+    assert data.task_ids("single, two") == data.task_ids(("single", "two")) == (0, 1)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        data.task_ids("single,shapes")
+    spec = data.spec()
+    assert set(spec.task[data.sample_prompts(rng, 200, "colour,two")]) == {1, 3}
+    ev = evaluate.eval_set(30, (2, 2, 1), tasks="single,colour,two")
+    assert np.bincount(spec.task[ev.prompt_ids], minlength=6).tolist() == [10, 10, 0, 10, 0, 0]
+    # the default is every task, as before the selection existed
+    a, b = evaluate.eval_set(12, (2, 2, 1)), evaluate.eval_set(12, (2, 2, 1), tasks="")
+    assert np.array_equal(a.prompt_ids, b.prompt_ids) and set(spec.task[a.prompt_ids]) == set(range(6))
+    assert (evaluate.reference_scenes(50, tasks="single").cells >= 0).sum(1).max() == 1
+
+
 def test_scenes_use_their_split(rng):
     cells, colours = np.array([[3, -1, -1, -1]]), np.array([[0, -1, -1, -1]])  # a red 3, top left
     for split in digits_data.SPLITS:

@@ -122,12 +122,23 @@ def task_prompts() -> tuple[np.ndarray, ...]:
     return tuple(np.flatnonzero(spec().task == t) for t in range(len(TASKS)))
 
 
-def sample_prompts(rng: np.random.Generator, n: int) -> np.ndarray:
-    """`n` prompt ids: a task uniformly (so the 10 single-digit prompts are as common as the 1,200 position
-    prompts put together), then one of its prompts uniformly."""
-    by_task = task_prompts()
-    tasks = rng.integers(0, len(TASKS), size=n)
-    return np.array([by_task[t][rng.integers(len(by_task[t]))] for t in tasks], np.int64)
+def task_ids(tasks: str | tuple[str, ...] | None = None) -> tuple[int, ...]:
+    """Indices into `TASKS` of a selection: None or "" = all, else names (a tuple or one comma-separated string)."""
+    if not tasks:
+        return tuple(range(len(TASKS)))
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown or not names:
+        raise ValueError(f"unknown tasks {unknown}; choose from {TASKS}")
+    return tuple(TASKS.index(t) for t in dict.fromkeys(names))
+
+
+def sample_prompts(rng: np.random.Generator, n: int, tasks: str | tuple[str, ...] | None = None) -> np.ndarray:
+    """`n` prompt ids: a task of the selection (`task_ids`, default all) uniformly (so the 5 single-digit prompts
+    are as common as the 400 position prompts put together), then one of its prompts uniformly."""
+    by_task, chosen = task_prompts(), task_ids(tasks)
+    picks = rng.integers(0, len(chosen), size=n)
+    return np.array([by_task[chosen[t]][rng.integers(len(by_task[chosen[t]]))] for t in picks], np.int64)
 
 
 def layout(rng: np.random.Generator, prompt_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,10 +177,14 @@ def render(rng: np.random.Generator, cells: np.ndarray, colours: np.ndarray, spl
 
 
 def sample_scenes(
-    rng: np.random.Generator, n: int, split: str = "train", prompt_ids: np.ndarray | None = None
+    rng: np.random.Generator,
+    n: int,
+    split: str = "train",
+    prompt_ids: np.ndarray | None = None,
+    tasks: str | tuple[str, ...] | None = None,
 ) -> Scenes:
-    """`n` scenes for random prompts (`sample_prompts`) or the given ids, from `split`'s digits."""
-    ids = sample_prompts(rng, n) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+    """`n` scenes for random prompts of `tasks` (`sample_prompts`) or the given ids, from `split`'s digits."""
+    ids = sample_prompts(rng, n, tasks) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
     cells, colours = layout(rng, ids)
     return Scenes(render(rng, cells, colours, split), cells, colours, ids)
 

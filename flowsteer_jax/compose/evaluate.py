@@ -39,11 +39,14 @@ class EvalSet(NamedTuple):
     noise: np.ndarray  # (N, *latent_shape) float32, N(0, 1)
 
 
-def eval_set(n: int, latent_shape: tuple[int, int, int], seed: int = EVAL_SEED) -> EvalSet:
-    """A fixed evaluation set: the tasks equally often (as far as `n` allows), a random prompt of each, noise."""
+def eval_set(
+    n: int, latent_shape: tuple[int, int, int], seed: int = EVAL_SEED, tasks: str | tuple[str, ...] | None = None
+) -> EvalSet:
+    """A fixed evaluation set: the selected tasks (`data.task_ids`, default all) equally often (as far as `n`
+    allows), a random prompt of each, noise."""
     rng = np.random.default_rng(seed)
-    by_task = data.task_prompts()
-    tasks = rng.permutation(np.arange(n) % len(data.TASKS))
+    by_task, chosen = data.task_prompts(), np.asarray(data.task_ids(tasks))
+    tasks = chosen[rng.permutation(np.arange(n) % len(chosen))]
     ids = np.array([by_task[t][rng.integers(len(by_task[t]))] for t in tasks], np.int64)
     noise = rng.standard_normal((n, *latent_shape)).astype(np.float32)
     return EvalSet([data.all_prompts()[i] for i in ids], ids, noise)
@@ -150,14 +153,15 @@ def score_cells(cells: np.ndarray, colours: np.ndarray, prompt_ids: np.ndarray) 
     return out
 
 
-def reference_scenes(n: int = 1000, seed: int = REFERENCE_SEED) -> data.Scenes:
-    """Real scenes from HELD-OUT digits (images in [-1, 1]): the FD reference and the classifier check."""
-    return data.sample_scenes(np.random.default_rng(seed), n, "test")
+def reference_scenes(n: int = 1000, seed: int = REFERENCE_SEED, tasks: str | None = None) -> data.Scenes:
+    """Real scenes from HELD-OUT digits (images in [-1, 1]) for prompts of `tasks` (default all): the FD reference
+    and the classifier check."""
+    return data.sample_scenes(np.random.default_rng(seed), n, "test", tasks=tasks)
 
 
 @functools.cache
-def _reference_features(n: int, seed: int) -> np.ndarray:
-    return features(to_unit(reference_scenes(n, seed).images))
+def _reference_features(n: int, seed: int, tasks: str | None = None) -> np.ndarray:
+    return features(to_unit(reference_scenes(n, seed, tasks).images))
 
 
 def evaluate(
@@ -166,11 +170,13 @@ def evaluate(
     reference: np.ndarray | None = None,
     *,
     fd_reference: tuple[int, int] = (1000, REFERENCE_SEED),
+    tasks: str | None = None,
 ) -> dict[str, float]:
-    """`score` plus `fd` (vs `reference_scenes(*fd_reference)`) and, with `reference` (same shape, [0, 1]),
-    `mse_to_reference`: the mean over images of the mean squared pixel difference."""
+    """`score` plus `fd` (vs `reference_scenes(*fd_reference, tasks)`: real scenes of the same prompt tasks) and,
+    with `reference` (same shape, [0, 1]), `mse_to_reference`: the mean over images of the mean squared pixel
+    difference."""
     out = score(images, prompt_ids)
-    out["fd"] = frechet_distance(features(images), _reference_features(*fd_reference))
+    out["fd"] = frechet_distance(features(images), _reference_features(*fd_reference, tasks or None))
     if reference is not None:
         a, b = np.asarray(images, np.float32), np.asarray(reference, np.float32)
         if a.shape != b.shape:

@@ -31,6 +31,9 @@ def define_flags(fv: flags.FlagValues) -> None:
         "config", os.path.join("configs", "digits_compose.py"), "the config file", flag_values=fv, lock_config=False
     )
     flags.DEFINE_integer("seeds", 3, "teacher seeds 0..N-1", flag_values=fv)
+    flags.DEFINE_list(
+        "guidances", [], "more CFG scales to evaluate the CFG rows at (rows `<row>@w<scale>`)", flag_values=fv
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +61,13 @@ def _main(args) -> int:
         t_models = time.perf_counter() - t
         t = time.perf_counter()
         metrics = world.evaluate_models(config, workdir, None)
+        base_w = config.compose.teacher_guidance
+        for w in args.guidances:
+            config.compose.teacher_guidance = float(w)
+            cfg_rows = {k: v for k, v in world.TEACHER_ROWS.items() if v[2]}
+            more = world.evaluate_models(config, workdir, None, rows=cfg_rows)
+            metrics.update({f"{k}@w{float(w):g}": v for k, v in more.items()})
+        config.compose.teacher_guidance = base_w
         out["seeds"][seed] = {"rows": metrics, "setup_seconds": t_models, "eval_seconds": time.perf_counter() - t}
         print(world.metrics_table(metrics), flush=True)
     rows = list(next(iter(out["seeds"].values()))["rows"])

@@ -67,7 +67,7 @@ def ensure_models(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
     autoencoder = vae.ensure_vae(vae_dir(config, workdir), steps=int(c.vae_train_steps), seed=int(c.vae_seed))
     times["vae"] = time.perf_counter() - t
     t = time.perf_counter()
-    pool = data.sample_scenes(np.random.default_rng(int(c.pool_seed)), int(c.pool_size), "train")
+    pool = data.sample_scenes(np.random.default_rng(int(c.pool_seed)), int(c.pool_size), "train", tasks=c.tasks)
     latents = vae.encode_latents(autoencoder, pool.images)
     times["pool"] = time.perf_counter() - t
     folder = teacher_dir(config, workdir)
@@ -108,7 +108,7 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         embeds, pooled = text.encode(prompts, seed=int(c.text_seed), language=lang)
         return {"prompt_embeds": embeds, "pooled": pooled}
 
-    ev = evaluate.eval_set(16, vae.LATENT_SHAPE, seed=int(config.eval.seed))
+    ev = evaluate.eval_set(16, vae.LATENT_SHAPE, seed=int(config.eval.seed), tasks=c.tasks)
     return World(
         model_path=os.path.abspath(teacher_dir(config, workdir)),
         transformer_folder=teacher_dir(config, workdir),
@@ -120,7 +120,7 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         eval_prompts=ev.prompts,
         score=lambda images: {"accuracy": evaluate.score(images, ev.prompt_ids)["accuracy"]},
         finish=report,
-        fingerprint=f"digits_compose-text{c.text_seed}-pool{c.pool_seed}-{c.pool_size}",
+        fingerprint=f"digits_compose-text{c.text_seed}-pool{c.pool_seed}-{c.pool_size}-{c.tasks or 'all'}",
     )
 
 
@@ -138,7 +138,7 @@ def evaluate_models(
     the reference of `mse_to_reference`, must come first). Teacher samples are cached in the teacher folder.
     """
     c = config.compose
-    ev = evaluate.eval_set(int(c.eval_samples), vae.LATENT_SHAPE)
+    ev = evaluate.eval_set(int(c.eval_samples), vae.LATENT_SHAPE, tasks=c.tasks)
     cond = text.encode_with_uncond(ev.prompts, seed=int(c.text_seed), language=language())
     folder = teacher_dir(config, workdir)
     base, autoencoder = load_transformer(folder), load_vae(vae_dir(config, workdir))
@@ -169,7 +169,7 @@ def evaluate_models(
         save_grid(os.path.join(workdir, "samples", f"{name}.png"), images[name][:GRID], cols=8, scale=4)
         ref = None if name == "teacher_28_diffusers" else images["teacher_28_diffusers"]
         metrics[name] = {
-            **evaluate.evaluate(images[name], ev.prompt_ids, ref),
+            **evaluate.evaluate(images[name], ev.prompt_ids, ref, tasks=c.tasks),
             "nfe": steps * (2 if guidance > 1 else 1),
             "steps": steps,
             "schedule": schedule,
@@ -207,7 +207,8 @@ def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module,
     lines = [
         "# FlowSteer in the compositional digits world",
         "",
-        f"Evaluation: {config.compose.eval_samples} fixed prompts and noises (6 GenEval-like tasks, equally often); "
+        f"Evaluation: {config.compose.eval_samples} fixed prompts and noises "
+        f"({len(data.task_ids(config.compose.tasks))} GenEval-like tasks, equally often); "
         "prompt accuracy = everything the prompt asks right (cell classifier trained on the training split; on "
         f"held-out real cells {clf['cell']:.3f}, whole real scenes {clf['scene']:.3f}); FD against held-out real "
         "scenes.",
