@@ -93,8 +93,10 @@ def test_classifier_on_held_out_scenes():
 
 
 def test_compose_run_end_to_end(tmp_path):
-    """The trainer in the world, shortened: VAE, teacher, a few FlowSteer steps, report."""
+    """The trainer in the world, shortened: VAE, teacher, a few FlowSteer steps, report; then the ablation runner
+    in the world (Table 1 and a Table 5 row), sharing the run's VAE and teacher."""
     from configs.digits_compose import get_config
+    from flowsteer_jax.digits import ablate
     from flowsteer_jax.train import train
 
     config = get_config()
@@ -117,3 +119,15 @@ def test_compose_run_end_to_end(tmp_path):
             assert f["images"].shape == (12, 24, 24, 3)
     assert metrics["classifier_held_out"]["digit"] > 0.9
     assert "FlowSteer student, 4 steps, no CFG" in open(os.path.join(workdir, "report.md")).read()
+
+    sets = ["--set=compose.eval_samples=12", "--set=compose.pool_size=64", "--set=train.batch_size=4"]
+    args = ["--workdir", workdir, "--config=configs/digits_compose.py", "--seeds=1", "--steps=1", "--tables=1"]
+    assert ablate.main([*args, "--rows=perflow", *sets]) == 0
+    result = json.load(open(os.path.join(workdir, "ablation.json")))
+    assert set(result["table1"]) == {"trajectory", "interpolated_0.900", "interpolated_0.750", "interpolated_0.500"}
+    assert result["table1"]["interpolated_0.500"][0]["count"] >= 0 and set(result["rows"]) == {"perflow"}
+    assert result["rows"]["perflow"][0]["step"] == 1
+    table = open(os.path.join(workdir, "ablation.md")).read()
+    assert "digits_compose world" in table and "| colour ↑ |" in table and "| PeRFlow |" in table
+    with np.load(os.path.join(workdir, "samples", "table1_interpolated_0.750_seed0.npz")) as f:
+        assert f["images"].shape == (12, 24, 24, 3)

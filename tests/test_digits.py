@@ -233,17 +233,23 @@ def test_digits_run_end_to_end_and_ablation(tmp_path):
 
     sets = [f"--set=digits.{k}={v}" for k, v in short.items()] + ["--set=train.batch_size=4"]
     code = ablate.main(
-        ["--workdir", workdir, "--seeds=1", "--steps=2", "--tables=2,5,4", "--rows=perflow,gan_least_squares",
+        ["--workdir", workdir, "--seeds=1", "--steps=2", "--tables=1,2,5,4", "--rows=perflow,gan_least_squares",
          "--set=digits.eval_samples=40", *sets]
     )  # fmt: skip
     assert code == 0
     table = open(os.path.join(workdir, "ablation.md")).read()
     assert "| PeRFlow |" in table and "| full (+feature matching) |" in table and "| 28 | rectified |" in table
     assert "## Table 4" in table and "| least-squares GAN loss |" in table  # "full" joined: Table 4 reads against it
-    rows = json.load(open(os.path.join(workdir, "ablation.json")))["rows"]
+    assert "## Table 1" in table and "| interpolated at t = 0.750 |" in table
+    result = json.load(open(os.path.join(workdir, "ablation.json")))
+    # Table 1: the teacher resumed at the 4-window rectified grid's inner boundaries (shift 3: 0.9, 0.75, 0.5)
+    t1 = result["table1"]
+    assert set(t1) == {"trajectory", "interpolated_0.900", "interpolated_0.750", "interpolated_0.500"}
+    assert "mse_to_reference" not in t1["trajectory"][0] and t1["interpolated_0.500"][0]["mse_to_reference"] > 0
+    rows = result["rows"]
     assert set(rows) == {"perflow", "full", "gan_least_squares"}
     assert rows["gan_least_squares"][0]["accuracy"] >= 0 and rows["full"][0]["step"] == 2
-    for name in ("perflow_seed0", "full_seed0", "teacher_1_diffusers_seed0", "teacher_28_rectified_seed0"):
+    for name in ("perflow_seed0", "full_seed0", "teacher_1_diffusers_seed0", "table1_interpolated_0.900_seed0"):
         assert os.path.isfile(os.path.join(workdir, "samples", f"{name}.npz")), name
     assert ablate.main(["--workdir", workdir, "--set=digits.nope=1"]) == 2
     assert ablate.main(["--workdir", workdir, "--tables=3"]) == 2

@@ -27,7 +27,7 @@ from flowsteer_jax.digits.evaluate import sample
 from flowsteer_jax.digits.world import report_rows
 from flowsteer_jax.images import save_grid
 from flowsteer_jax.models.loading import load_transformer, load_vae
-from flowsteer_jax.worlds import World
+from flowsteer_jax.worlds import Lab, World
 
 GRID = 32  # evaluation samples shown in each PNG grid
 COLUMNS = (  # (metric key, header, format) for `flowsteer_jax.evaluate.markdown_table`
@@ -97,6 +97,30 @@ def ensure_models(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
         times["teacher"] = time.perf_counter() - t
     print("compose world setup seconds:", {k: round(v, 1) for k, v in times.items()}, flush=True)
     return autoencoder, pool, latents
+
+
+def share_models(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Point `config` at the models an ablation's runs share (`WORKDIR/vae`, `WORKDIR/teacher`)."""
+    config.compose.vae_dir = config.compose.vae_dir or os.path.join(workdir, "vae")
+    config.compose.teacher_dir = os.path.join(workdir, "teacher")
+
+
+def lab(config: ml_collections.ConfigDict, workdir: str, seed: int) -> Lab:
+    """The teacher (VAE and teacher trained if absent) and the evaluation set of `seed` (`EVAL_SEED + seed`)."""
+    c = config.compose
+    autoencoder, _, _ = ensure_models(config, workdir)
+    ev = evaluate.eval_set(int(c.eval_samples), vae.LATENT_SHAPE, seed=evaluate.EVAL_SEED + seed, tasks=c.tasks)
+    real = data.sample_scenes(np.random.default_rng(seed), len(ev.prompt_ids), "train", prompt_ids=ev.prompt_ids)
+    return Lab(
+        model=load_transformer(teacher_dir(config, workdir)),
+        cond=text.encode_with_uncond(ev.prompts, seed=int(c.text_seed), language=language()),
+        noise=ev.noise,
+        x0=vae.encode_latents(autoencoder, real.images),
+        decode=lambda z: vae.decode(autoencoder, z),
+        score=lambda images, ref: evaluate.evaluate(images, ev.prompt_ids, ref, tasks=c.tasks),
+        save=lambda path, images: _save(path, images, ev.prompt_ids),
+        guidance=float(c.teacher_guidance),
+    )
 
 
 def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:

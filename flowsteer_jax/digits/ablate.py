@@ -1,27 +1,37 @@
-"""The paper's ablations in the digits world: Tables 5 (components), 4 (discriminator), 2 (schedules) and 1- and
-2-step students, over seeds.
+"""The paper's ablations in a toy world (digits, or the compositional digits world): Tables 1 (interpolated vs
+on-trajectory starts), 2 (schedules), 5 (components), 4 (discriminator) and 1- and 2-step students, over seeds.
 
-    python -m flowsteer_jax.digits.ablate --workdir=runs/digits [--tables=2,5,4,k] [--seeds=3] [--steps=N] \
-        [--rows=NAME,...] [--config=configs/digits.py]
+    python -m flowsteer_jax.digits.ablate --workdir=runs/ablate [--config=configs/digits_compose.py] \
+        [--tables=1,2,5,4,k] [--seeds=3] [--steps=N] [--rows=NAME,...] [--set KEY=VALUE ...]
 
-Table 5, cumulative rows, each a full distillation from the shared teacher (`WORKDIR/teacher`, pretrained if
-absent) with `seed = k` for k < seeds, scored on the fixed evaluation set:
+The world is the config's (`world = "digits"` or `"digits_compose"`); its models (teacher, and VAE) are shared
+by every run (`WORKDIR/teacher`, `WORKDIR/vae`, trained if absent). Default tables: 1, 2, 5.
+
+Table 5, cumulative rows, each a full distillation with `seed = k` for k < seeds, scored on the world's fixed
+evaluation set:
 
 - PeRFlow: interpolated start points from real pairs, diffusers schedule, no discriminator;
 - +OTA: start points from the teacher's trajectory;
 - +adversarial: hinge discriminator, `L_adv` (no feature matching);
 - +rectified schedule: the rectified window grid (the student's inference grid too);
-- full: + feature matching (`L_FM`), i.e. `configs/digits.py` as it is. The paper does not say what separates
-  its "+Scheduler" and "Ours (Full)" rows; feature matching is the one remaining part of the method.
+- full: + feature matching (`L_FM`), i.e. the config as it is. The paper does not say what separates its
+  "+Scheduler" and "Ours (Full)" rows; feature matching is the one remaining part of the method.
 
 Table 4 (`--tables=4`): the full method with one change each: the discriminator's depth (1 or all 4 teacher
 blocks instead of 2), heads on every block, a frozen or LoRA trunk, the non-saturating or least-squares loss.
 `--tables=k`: the full method with K = 1 and 2 windows (1- and 2-step students). A value within noise of the row
 it is compared with (the row above in Table 5, the full method elsewhere) is marked ≈.
 
-Table 2: the teacher alone at N = 1, 2, 4, 8, 28 steps with both schedules (CFG at `digits.teacher_guidance`),
-over the same seeds (evaluation noise `EVAL_SEED + k`). Results: `WORKDIR/ablation.md`, `ablation.json`, and
-samples `WORKDIR/samples/<row>_seed<k>.npz`. The OTA cost column is trained windows per second of each row.
+Teacher-only tables, over the same seeds (evaluation noise `EVAL_SEED + k`), CFG at the world's teacher guidance:
+Table 2 samples N = 1, 2, 4, 8, 28 steps with both schedules (≈: rectified within noise of diffusers at that N).
+Table 1 takes the teacher's 28-step grid through the student's window boundaries (`distill.ota.teacher_grid`)
+and, at each window start t < 1, resumes the teacher from the interpolated point `(1 - t) x0 + t eps` (x0: a
+real training-split image for the prompt, the point PeRFlow trains from) instead of its own state there; the
+"own trajectory" row is the uninterrupted solve from the same noise eps (the same at every t), which is also
+the reference of the interpolated rows' MSE (≈: within noise of it).
+
+Results: `WORKDIR/ablation.md`, `ablation.json`, and samples `WORKDIR/samples/<row>_seed<k>.npz`. The OTA cost
+column is trained windows per second of each row.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -89,6 +100,19 @@ TABLE_TITLES = {
     "k": "Beyond the paper: 1- and 2-step students (full method)",
 }
 TEACHER_STEPS = (1, 2, 4, 8, 28)
+SCHEDULES = ("diffusers", "rectified")
+TABLE1_STEPS = 28
+TABLES = ("1", "2", "5", "4", "k")
+TOY_WORLDS = ("digits", "digits_compose")
+METRICS = (  # (key, header, decimals): the columns a world's results have
+    ("accuracy", "prompt accuracy ↑", 3),
+    ("identity", "digits ↑", 3),
+    ("count", "count ↑", 3),
+    ("position", "position ↑", 3),
+    ("attribute", "colour ↑", 3),
+    ("fd", "FD ↓", 2),
+    ("mse_to_reference", "MSE to reference ↓", 4),
+)
 
 
 def _set(config, dotted: str, value) -> None:
@@ -105,13 +129,24 @@ def _mean_std(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
+def world_module(config):
+    """The toy world's module (`share_models`, `lab`), by `config.world`."""
+    import importlib
+
+    from flowsteer_jax.worlds import WORLDS
+
+    name = str(config.get("world"))
+    if name not in TOY_WORLDS:
+        raise InputError(f"world={name!r}: the ablation runs in a toy world, one of {TOY_WORLDS}")
+    return importlib.import_module(WORLDS[name])
+
+
 def train_rows(base_config, workdir: str, seeds: int, steps: int | None, rows: list[str]) -> dict:
-    """Each row of `rows` distilled `seeds` times from the shared teacher; the students' metrics per row."""
-    from flowsteer_jax.digits import evaluate
+    """Each row of `rows` distilled `seeds` times from the shared models; the students' metrics per row."""
     from flowsteer_jax.train import train
 
+    world = world_module(base_config)
     results = {}
-    ev = evaluate.eval_set(int(base_config.digits.eval_samples), seed=evaluate.EVAL_SEED)
     for _table, name, _label, overrides in ROWS:
         if name not in rows:
             continue
@@ -120,7 +155,7 @@ def train_rows(base_config, workdir: str, seeds: int, steps: int | None, rows: l
             for key, value in overrides.items():
                 _set(config, key, value)
             config.seed = k
-            config.digits.teacher_dir = os.path.join(workdir, "teacher")
+            world.share_models(config, workdir)
             config.eval.every_steps = 0
             config.checkpoint.every_steps = 0
             if steps:
@@ -129,46 +164,55 @@ def train_rows(base_config, workdir: str, seeds: int, steps: int | None, rows: l
             out = train(config, run_dir)
             with open(os.path.join(run_dir, "metrics.json")) as f:
                 m = json.load(f)
-            student = m["rows"][f"student_{config.distill.num_segments}"]
-            with np.load(os.path.join(run_dir, "samples", f"student_{config.distill.num_segments}.npz")) as f:
-                images = f["images"]
-            evaluate.save_samples(os.path.join(workdir, "samples", f"{name}_seed{k}.npz"), images, ev.digits)
+            student = f"student_{config.distill.num_segments}"
+            shutil.copyfile(
+                os.path.join(run_dir, "samples", f"{student}.npz"),
+                os.path.join(workdir, "samples", f"{name}_seed{k}.npz"),
+            )
             results.setdefault(name, []).append(
-                {**student, "windows_per_s": m["training"]["windows_per_s"], "step": out["step"]}
+                {**m["rows"][student], "windows_per_s": m["training"]["windows_per_s"], "step": out["step"]}
             )
     return results
 
 
-def table2(base_config, workdir: str, seeds: int) -> dict:
-    from flowsteer_jax.digits import evaluate, text
-    from flowsteer_jax.digits.world import ensure_teacher
-    from flowsteer_jax.models.loading import load_transformer
+def teacher_tables(base_config, workdir: str, seeds: int, tables: set[str]) -> tuple[dict, dict]:
+    """(Table 1, Table 2): row name -> one metrics dict per seed."""
+    from flowsteer_jax.digits.evaluate import sample
+    from flowsteer_jax.distill.ota import teacher_grid
+    from flowsteer_jax.flow.schedules import sigmas
 
-    folder = ensure_teacher(base_config, workdir)
-    model = load_transformer(folder)
-    d = base_config.digits
-    results: dict = {}
+    world = world_module(base_config)
+    d = base_config.distill
+    shift = float(d.shift)
+    t1: dict = {}
+    t2: dict = {}
     for k in range(seeds):
-        ev = evaluate.eval_set(int(d.eval_samples), seed=evaluate.EVAL_SEED + k)
-        cond = text.encode_with_uncond(ev.prompts, seed=int(d.text_seed))
-        ref = None
-        for schedule in ("diffusers", "rectified"):
-            for n in sorted(TEACHER_STEPS, reverse=True):
-                images = evaluate.sample(
-                    model,
-                    cond,
-                    ev.noise,
-                    steps=n,
-                    schedule=schedule,
-                    shift=float(base_config.distill.shift),
-                    guidance=float(d.teacher_guidance),
-                )
-                if ref is None:  # 28-step diffusers: the fidelity reference of this seed
-                    ref = images
-                name = f"teacher_{n}_{schedule}"
-                evaluate.save_samples(os.path.join(workdir, "samples", f"{name}_seed{k}.npz"), images, ev.digits)
-                results.setdefault(name, []).append(evaluate.evaluate(images, ev.digits, ref))
-    return results
+        lab = world.lab(base_config, workdir, k)
+
+        def run(name, noise, grid, ref, lab=lab, k=k):
+            z = sample(lab.model, lab.cond, noise, sigmas=grid, guidance=lab.guidance, raw=True)
+            images = lab.decode(z)
+            lab.save(os.path.join(workdir, "samples", f"{name}_seed{k}.npz"), images)
+            return images, lab.score(images, ref)
+
+        if "2" in tables:
+            ref, m = run("teacher_28_diffusers", lab.noise, sigmas(28, "diffusers", shift), None)
+            t2.setdefault("teacher_28_diffusers", []).append(m)
+            for schedule in SCHEDULES:
+                for n in TEACHER_STEPS:
+                    if (n, schedule) != (28, "diffusers"):
+                        name = f"teacher_{n}_{schedule}"
+                        t2.setdefault(name, []).append(run(name, lab.noise, sigmas(n, schedule, shift), ref)[1])
+        if "1" in tables:
+            grid, index = teacher_grid(int(d.num_segments), TABLE1_STEPS, d.schedule, shift)
+            own, m = run("table1_trajectory", lab.noise, grid, None)
+            t1.setdefault("trajectory", []).append(m)
+            for i in index[1:-1]:
+                t = float(grid[i])
+                start = (1 - t) * lab.x0 + t * lab.noise
+                name = f"interpolated_{t:.3f}"
+                t1.setdefault(name, []).append(run(f"table1_{name}", start, grid[i:], own)[1])
+    return t1, t2
 
 
 def _noise_mark(a: list[float], b: list[float]) -> str:
@@ -178,58 +222,89 @@ def _noise_mark(a: list[float], b: list[float]) -> str:
     return " ≈" if abs(np.mean(a) - np.mean(b)) < np.hypot(np.std(a), np.std(b)) else ""
 
 
-def markdown(trained: dict, t2: dict, seeds: int, machine: str) -> str:
-    lines = [f"# Digits-world ablation ({seeds} seeds, mean ± std; {machine})", ""]
-    metrics = (("accuracy", 3), ("fd", 2), ("mse_to_reference", 4))
+def _columns(*results: dict) -> list[tuple[str, str, int]]:
+    """The metric columns any row of `results` has a finite value for."""
+    have = {
+        key
+        for r in results
+        for runs in r.values()
+        for x in runs
+        for key, v in x.items()
+        if isinstance(v, int | float) and np.isfinite(v)
+    }
+    return [c for c in METRICS if c[0] in have]
+
+
+def _cells(runs: list[dict], against: list[dict] | None, columns) -> list[str]:
+    cells = []
+    for key, _header, digits in columns:
+        values = [x[key] for x in runs if x.get(key) is not None]
+        if not values:
+            cells.append("—")
+            continue
+        other = [x[key] for x in against or () if x.get(key) is not None]
+        cells.append(_mean_std(values, digits) + _noise_mark(values, other))
+    return cells
+
+
+def markdown(trained: dict, t1: dict, t2: dict, seeds: int, machine: str, world: str, steps: int = 28) -> str:
+    lines = [f"# Ablation in the {world} world ({seeds} seeds, mean ± std; {machine})", ""]
+    columns = _columns(trained, t1, t2)
+    header = " | ".join(h for _, h, _ in columns)
+    rule = "---:|" * len(columns)
+    if t1:
+        lines += [
+            f"## Table 1: the teacher ({steps}-step grid, CFG) resumed at a window start t from an interpolated point",
+            "",
+            f"| start | {header} |",
+            f"|---|{rule}",
+            "| own trajectory (every t) | " + " | ".join(_cells(t1["trajectory"], None, columns)) + " |",
+        ]
+        for name, runs in t1.items():
+            if name != "trajectory":
+                cells = _cells(runs, t1["trajectory"], columns)
+                lines.append(f"| interpolated at t = {name.split('_')[1]} | " + " | ".join(cells) + " |")
+        lines += ["", "≈: within noise (|mean difference| < root sum of the std's) of the own-trajectory row.", ""]
+    if t2:
+        lines += [
+            "## Table 2: the teacher with the diffusers vs the rectified schedule (CFG)",
+            "",
+            f"| N | schedule | {header} |",
+            f"|---:|---|{rule}",
+        ]
+        for n in TEACHER_STEPS:
+            for schedule in SCHEDULES:
+                against = t2[f"teacher_{n}_diffusers"] if schedule == "rectified" else None
+                cells = _cells(t2[f"teacher_{n}_{schedule}"], against, columns)
+                lines.append(f"| {n} | {schedule} | " + " | ".join(cells) + " |")
+        lines += ["", "≈: rectified within noise of diffusers at the same N.", ""]
     for table, title in TABLE_TITLES.items():
         rows = [(name, label) for t, name, label, _ in ROWS if t == table and name in trained]
         if not rows:
             continue
-        lines += [
-            f"## {title}",
-            "",
-            "| row | prompt accuracy ↑ | FD ↓ | MSE to teacher-28 ↓ | trained windows/s |",
-            "|---|---:|---:|---:|---:|",
-        ]
+        lines += [f"## {title}", "", f"| row | {header} | trained windows/s |", f"|---|{rule}---:|"]
         previous = None
         for name, label in rows:
             # ≈: within noise of the row before (Table 5, cumulative) or of the full method (the others)
             against = previous if table == "5" else ("full" if name != "full" else None)
-            cells = []
-            for key, digits in metrics:
-                values = [x[key] for x in trained[name]]
-                mark = _noise_mark(values, [x[key] for x in trained[against]]) if against in trained else ""
-                cells.append(_mean_std(values, digits) + mark)
+            cells = _cells(trained[name], trained.get(against), columns)
             rate = np.mean([x["windows_per_s"] for x in trained[name]])
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {rate:.1f} |")
             previous = name
         lines += ["", "≈: within noise (|mean difference| < root sum of the std's) of " + (
             "the row above." if table == "5" else "the full method's row (Table 5)."
         ), ""]  # fmt: skip
-    if t2:
-        lines += [
-            "## Table 2: teacher with the diffusers vs the rectified schedule (CFG)",
-            "",
-            "| N | schedule | prompt accuracy ↑ | FD ↓ | MSE to teacher-28 ↓ |",
-            "|---:|---|---:|---:|---:|",
-        ]
-        for n in TEACHER_STEPS:
-            for schedule in ("diffusers", "rectified"):
-                r = t2[f"teacher_{n}_{schedule}"]
-                lines.append(
-                    f"| {n} | {schedule} | {_mean_std([x['accuracy'] for x in r])} | "
-                    f"{_mean_std([x['fd'] for x in r], 2)} | "
-                    f"{_mean_std([x.get('mse_to_reference', 0.0) for x in r], 4)} |"
-                )
     return "\n".join(lines) + "\n"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "run folder (teacher/, samples/, ablation.md)", flag_values=fv, required=True)
-    flags.DEFINE_string("config", os.path.join("configs", "digits.py"), "the digits config file", flag_values=fv)
+    flags.DEFINE_string(
+        "config", os.path.join("configs", "digits.py"), "the config (world digits or digits_compose)", flag_values=fv
+    )
     flags.DEFINE_integer("seeds", 3, "seeds per row", flag_values=fv)
     flags.DEFINE_integer("steps", 0, "distillation steps per run (default: the config's)", flag_values=fv)
-    flags.DEFINE_string("tables", "2,5", "which tables: any of 2, 5, 4, k (comma-separated)", flag_values=fv)
+    flags.DEFINE_string("tables", "1,2,5", "which tables: any of 1, 2, 5, 4, k (comma-separated)", flag_values=fv)
     flags.DEFINE_string(
         "rows", "", "only these trained rows (comma-separated names; default: every row of --tables)", flag_values=fv
     )
@@ -271,9 +346,10 @@ def _main(args) -> int:
         except (KeyError, AttributeError, TypeError, InputError) as e:
             raise InputError(f"--set {item}: {e}") from e
     validate(config)  # before any row trains
+    world_module(config)  # a toy world, before anything trains
     tables = {t.strip() for t in args.tables.split(",") if t.strip()}
-    if tables - {"2", *TABLE_TITLES}:
-        raise InputError(f"--tables: unknown {sorted(tables - {'2', *TABLE_TITLES})}; choose from 2, 5, 4, k")
+    if tables - set(TABLES):
+        raise InputError(f"--tables: unknown {sorted(tables - set(TABLES))}; choose from {', '.join(TABLES)}")
     names = [r[1] for r in ROWS]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] or [r[1] for r in ROWS if r[0] in tables]
     unknown = sorted(set(rows) - set(names))
@@ -283,13 +359,15 @@ def _main(args) -> int:
         rows.append("full")  # Table 4 and the K rows are read against the full method
     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
     t0 = time.perf_counter()
-    t2 = table2(config, args.workdir, args.seeds) if "2" in tables else {}
+    t1, t2 = teacher_tables(config, args.workdir, args.seeds, tables)
+    t_teacher = time.perf_counter() - t0
     trained = train_rows(config, args.workdir, args.seeds, args.steps or None, rows)
     machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}"
-    md = markdown(trained, t2, args.seeds, machine)
+    md = markdown(trained, t1, t2, args.seeds, machine, str(config.world), TABLE1_STEPS)
     with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
         f.write(md)
-    out = {"rows": trained, "table2": t2, "seconds": time.perf_counter() - t0, "machine": machine}
+    seconds = {"teacher_tables": t_teacher, "total": time.perf_counter() - t0}
+    out = {"rows": trained, "table1": t1, "table2": t2, "seconds": seconds, "machine": machine}
     with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(md)

@@ -171,10 +171,11 @@ def sample(
     encoder_outputs: tuple[np.ndarray, ...],
     noise: np.ndarray,
     *,
-    steps: int,
+    steps: int | None = None,
     schedule: str = "rectified",
     shift: float = 3.0,
     guidance: float = 1.0,
+    sigmas: np.ndarray | None = None,
     batch_size: int = 250,
     progress: bool = True,
     raw: bool = False,
@@ -185,7 +186,8 @@ def sample(
     `encoder_outputs`: `(prompt_embeds, pooled)` for the N prompts, or `(prompt_embeds, pooled, uncond_embeds,
     uncond_pooled)` (the unconditional pair with batch 1 or N; `text.encode_with_uncond` returns this), needed
     when `guidance > 1`. `guidance <= 1`: one forward per step, no CFG. `sigmas(steps, schedule, shift)` from
-    `flow.schedules`; `model(x_nhwc, timestep, prompt_embeds, pooled) -> v`, any MMDiT-like NNX module.
+    `flow.schedules`, or the given `sigmas` (decreasing, from the noise level of `noise` to 0; e.g. the tail of a
+    grid, to resume a solve); `model(x_nhwc, timestep, prompt_embeds, pooled) -> v`, any MMDiT-like NNX module.
     Batches of `batch_size` (the last one padded, so one compilation).
     """
     embeds, pooled = (np.asarray(a, np.float32) for a in encoder_outputs[:2])
@@ -200,11 +202,13 @@ def sample(
     n = len(noise)
     if len(embeds) != n or len(pooled) != n:
         raise ValueError(f"{n} noise samples but {len(embeds)} prompt embeddings / {len(pooled)} pooled")
-    sig = jnp.asarray(make_sigmas(steps, schedule, shift))
+    if (steps is None) == (sigmas is None):
+        raise ValueError("give exactly one of steps and sigmas")
+    sig = jnp.asarray(make_sigmas(steps, schedule, shift) if sigmas is None else np.asarray(sigmas, np.float32))
     graphdef, state = nnx.split(model)
     batch_size = min(batch_size, n)
     out = []
-    for start in tqdm(range(0, n, batch_size), desc=f"sample {steps} steps", disable=not progress):
+    for start in tqdm(range(0, n, batch_size), desc=f"sample {len(sig) - 1} steps", disable=not progress):
         sl = slice(start, start + batch_size)
         pad = batch_size - len(noise[sl])
 

@@ -20,7 +20,7 @@ from flax import nnx
 from flowsteer_jax.digits import data, evaluate, teacher, text
 from flowsteer_jax.images import save_grid
 from flowsteer_jax.models.loading import load_transformer
-from flowsteer_jax.worlds import World
+from flowsteer_jax.worlds import Lab, World
 
 GRID = 32  # evaluation samples shown in each PNG grid (the first of the fixed evaluation set)
 
@@ -41,6 +41,29 @@ def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> str:
             text_seed=int(d.text_seed),
         )
     return folder
+
+
+def share_models(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Point `config` at the models an ablation's runs share (`WORKDIR/teacher`)."""
+    config.digits.teacher_dir = os.path.join(workdir, "teacher")
+
+
+def lab(config: ml_collections.ConfigDict, workdir: str, seed: int) -> Lab:
+    """The teacher (pretrained if absent) and the evaluation set of `seed` (noise `EVAL_SEED + seed`)."""
+    d = config.digits
+    model = load_transformer(ensure_teacher(config, workdir))
+    ev = evaluate.eval_set(int(d.eval_samples), seed=evaluate.EVAL_SEED + seed)
+    real = data.sample_pairs(np.random.default_rng(seed), len(ev.digits), "train", digits=ev.digits)
+    return Lab(
+        model=model,
+        cond=text.encode_with_uncond(ev.prompts, seed=int(d.text_seed)),
+        noise=ev.noise,
+        x0=real.images,
+        decode=lambda z: np.asarray(data.to_unit(np.asarray(z, np.float32))),
+        score=lambda images, ref: evaluate.evaluate(images, ev.digits, ref),
+        save=lambda path, images: evaluate.save_samples(path, images, ev.digits),
+        guidance=float(d.teacher_guidance),
+    )
 
 
 def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:

@@ -50,6 +50,21 @@ class World:
     score: Callable[[np.ndarray], dict[str, float]] | None = None
 
 
+@dataclasses.dataclass
+class Lab:
+    """A toy world's teacher and one seed's fixed evaluation set: what the ablation's teacher-only tables (the
+    paper's Tables 1 and 2) sample and score, the same way for every toy world."""
+
+    model: Any  # the teacher (an MMDiT-like NNX module)
+    cond: tuple[np.ndarray, ...]  # (embeds, pooled, uncond_embeds, uncond_pooled) of the evaluation prompts
+    noise: np.ndarray  # (N, *latent_shape) the evaluation noise
+    x0: np.ndarray  # (N, *latent_shape) data latents of real images for the evaluation prompts (training split)
+    decode: Callable[[np.ndarray], np.ndarray]  # latents -> images in [0, 1]
+    score: Callable[[np.ndarray, np.ndarray | None], dict[str, float]]  # (images, reference images) -> metrics
+    save: Callable[[str, np.ndarray], None]  # (path.npz, images): the samples with their prompts' labels
+    guidance: float  # the teacher's CFG scale for its reference samples
+
+
 def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
     """The world `config.world` names (a key of `WORLDS`, or a module path), built for this run."""
     name = str(config.world)
