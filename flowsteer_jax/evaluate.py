@@ -128,7 +128,7 @@ def define_flags(fv: flags.FlagValues) -> None:
         "lora", [], "student LoRA (training workdir, exported folder, .safetensors) or `none`; repeat", flag_values=fv
     )
     flags.DEFINE_multi_string("images", [], "score this folder's images instead of sampling; repeat", flag_values=fv)
-    flags.DEFINE_string("digits", None, "a digits-world training workdir: its own metrics", flag_values=fv)
+    flags.DEFINE_string("digits", None, "a toy-world run (digits, digits_compose): its metrics", flag_values=fv)
     flags.DEFINE_list("labels", [], "row names (default: from the lora / model / folder)", flag_values=fv)
     flags.DEFINE_string("prompts", None, "prompt file (.txt, .jsonl, .parquet)", flag_values=fv)
     flags.DEFINE_integer("limit", 0, "use only the first N prompts (0: all)", flag_values=fv)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse(define_flags, argv, prog=PROG, doc=__doc__)
     modes = [bool(args.model), bool(args.images), args.digits is not None]
     if sum(modes) != 1:
-        cli.fail(PROG, "give --model (sampling), --images (existing images) or --digits (a digits run), one kind")
+        cli.fail(PROG, "give --model (sampling), --images (existing images) or --digits (a toy-world run), one kind")
     if args.out is None:
         cli.fail(PROG, "--out is required")
     unknown = [m for m in args.metrics if m not in METRICS]
@@ -366,14 +366,11 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
 
 
 def _main_digits(args) -> int:
-    from flowsteer_jax.digits.world import evaluate_run
+    from flowsteer_jax.digits.world import read_run
 
-    rows, header = evaluate_run(args.digits)
-    columns = [
-        ("accuracy", "prompt accuracy", lambda v: f"{v:.3f}"),
-        ("fd", "FD (classifier features)", lambda v: f"{v:.2f}"),
-        ("mse_to_reference", "MSE to teacher-28", lambda v: f"{v:.4f}"),
-    ]
+    config, world = read_run(args.digits)
+    rows, header = world.evaluate_run(args.digits, config)
+    columns = world.COLUMNS
     all_rows = write_report(args.out, rows, columns=columns, header=header)
     print(markdown_table(all_rows, columns), file=sys.stderr)
     last = rows[-1]["metrics"]

@@ -92,10 +92,11 @@ def test_classifier_on_held_out_scenes():
     assert evaluate.evaluate(noise, real.prompt_ids)["fd"] > 10 * m["fd"]
 
 
-def test_compose_run_end_to_end(tmp_path):
+def test_compose_run_end_to_end(tmp_path, capsys):
     """The trainer in the world, shortened: VAE, teacher, a few FlowSteer steps, report; then the ablation runner
-    in the world (Table 1 and a Table 5 row), sharing the run's VAE and teacher."""
+    in the world (Table 1 and a Table 5 row), sharing the run's VAE and teacher; the evaluate command on the run."""
     from configs.digits_compose import get_config
+    from flowsteer_jax import evaluate as evaluate_command
     from flowsteer_jax.digits import ablate
     from flowsteer_jax.train import train
 
@@ -119,6 +120,12 @@ def test_compose_run_end_to_end(tmp_path):
             assert f["images"].shape == (12, 24, 24, 3)
     assert metrics["classifier_held_out"]["digit"] > 0.9
     assert "FlowSteer student, 4 steps, no CFG" in open(os.path.join(workdir, "report.md")).read()
+    capsys.readouterr()
+    assert evaluate_command.main(["--digits", workdir, "--out", str(tmp_path / "eval")]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    student = metrics["rows"]["student_4"]
+    assert last["accuracy"] == student["accuracy"] and last["fd"] == student["fd"]
+    assert "| colour |" in open(tmp_path / "eval" / "results.md").read()
 
     sets = ["--set=compose.eval_samples=12", "--set=compose.pool_size=64", "--set=train.batch_size=4"]
     args = ["--workdir", workdir, "--config=configs/digits_compose.py", "--seeds=1", "--steps=1", "--tables=1"]

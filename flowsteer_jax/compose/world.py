@@ -216,6 +216,30 @@ def metrics_table(metrics: dict) -> str:
     return markdown_table(report_rows(metrics), COLUMNS)
 
 
+def report_header(config: ml_collections.ConfigDict) -> str:
+    clf = evaluate.classifier_accuracy()
+    return (
+        "# FlowSteer in the compositional digits world\n\n"
+        f"Evaluation: {config.compose.eval_samples} fixed prompts and noises "
+        f"({len(data.task_ids(config.compose.tasks))} GenEval-like tasks, equally often); "
+        "prompt accuracy = everything the prompt asks right (cell classifier trained on the training split; on "
+        f"held-out real cells {clf['cell']:.3f}, whole real scenes {clf['scene']:.3f}); FD against held-out real "
+        "scenes."
+    )
+
+
+def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> tuple[list[dict], str]:
+    """`python -m flowsteer_jax.evaluate --digits=WORKDIR`: the teacher rows and the run's latest student, scored
+    as the trainer's report does; (rows for `flowsteer_jax.evaluate`, the report's header)."""
+    from conversion.errors import InputError
+    from flowsteer_jax.digits.world import load_student
+
+    if not vae.is_complete(vae_dir(config, workdir)):
+        raise InputError(f"{vae_dir(config, workdir)}: no complete VAE (train the run first)")
+    metrics = evaluate_models(config, workdir, load_student(teacher_dir(config, workdir), workdir))
+    return report_rows(metrics), report_header(config)
+
+
 def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module, stats: dict) -> dict:
     """Evaluate, then write `metrics.json` and `report.md` (called by the trainer at the end of the run)."""
     t = time.perf_counter()
@@ -229,13 +253,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module,
         json.dump(out, f, indent=2)
     d = config.distill
     lines = [
-        "# FlowSteer in the compositional digits world",
-        "",
-        f"Evaluation: {config.compose.eval_samples} fixed prompts and noises "
-        f"({len(data.task_ids(config.compose.tasks))} GenEval-like tasks, equally often); "
-        "prompt accuracy = everything the prompt asks right (cell classifier trained on the training split; on "
-        f"held-out real cells {clf['cell']:.3f}, whole real scenes {clf['scene']:.3f}); FD against held-out real "
-        "scenes.",
+        report_header(config),
         "",
         metrics_table(metrics),
         "",

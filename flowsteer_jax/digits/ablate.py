@@ -103,7 +103,6 @@ TEACHER_STEPS = (1, 2, 4, 8, 28)
 SCHEDULES = ("diffusers", "rectified")
 TABLE1_STEPS = 28
 TABLES = ("1", "2", "5", "4", "k")
-TOY_WORLDS = ("digits", "digits_compose")
 METRICS = (  # (key, header, decimals): the columns a world's results have
     ("accuracy", "prompt accuracy ↑", 3),
     ("identity", "digits ↑", 3),
@@ -133,6 +132,7 @@ def world_module(config):
     """The toy world's module (`share_models`, `lab`), by `config.world`."""
     import importlib
 
+    from flowsteer_jax.digits.world import TOY_WORLDS
     from flowsteer_jax.worlds import WORLDS
 
     name = str(config.get("world"))

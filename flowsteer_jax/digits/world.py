@@ -10,8 +10,10 @@ fixed evaluation set with the teacher (28 and 4 steps) and the student (4 steps)
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from types import ModuleType
 
 import ml_collections
 import numpy as np
@@ -23,6 +25,7 @@ from flowsteer_jax.models.loading import load_transformer
 from flowsteer_jax.worlds import Lab, World
 
 GRID = 32  # evaluation samples shown in each PNG grid (the first of the fixed evaluation set)
+TOY_WORLDS = ("digits", "digits_compose")  # worlds with their own metrics (`evaluate --digits`) and ablation
 
 
 def teacher_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -192,26 +195,38 @@ def report_header(config: ml_collections.ConfigDict) -> str:
     )
 
 
-def evaluate_run(workdir: str) -> tuple[list[dict], str]:
-    """`python -m flowsteer_jax.evaluate --digits=WORKDIR`: the teacher rows and the run's latest student, scored
-    as the trainer's report does; (rows for `flowsteer_jax.evaluate`, the report's header)."""
+def read_run(workdir: str) -> tuple[ml_collections.ConfigDict, ModuleType]:
+    """A toy-world training workdir's config and its world's module (`evaluate_run`, `COLUMNS`)."""
     from conversion.errors import InputError
-    from flowsteer_jax.models.loading import read_lora
-    from flowsteer_jax.models.lora import set_lora
+    from flowsteer_jax.worlds import WORLDS
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise InputError(f"--digits={workdir}: no config.json (not a training workdir)")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    if config.get("world") != "digits":
-        raise InputError(f"{path}: world={config.get('world')!r}, not a digits-world run")
-    folder = teacher_dir(config, workdir)
+    if config.get("world") not in TOY_WORLDS:
+        raise InputError(f"{path}: world={config.get('world')!r}, not a toy-world run (one of {TOY_WORLDS})")
+    return config, importlib.import_module(WORLDS[config.world])
+
+
+def load_student(folder: str, workdir: str) -> nnx.Module:
+    """The teacher in `folder` with the run's latest LoRA applied."""
+    from conversion.errors import InputError
+    from flowsteer_jax.models.loading import read_lora
+    from flowsteer_jax.models.lora import set_lora
+
     if not teacher.is_complete(folder):
         raise InputError(f"{folder}: no complete teacher (train the run first)")
     student = load_transformer(folder)
     set_lora(student, *read_lora(workdir, student.config))
-    metrics = evaluate_models(config, workdir, student)
+    return student
+
+
+def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> tuple[list[dict], str]:
+    """`python -m flowsteer_jax.evaluate --digits=WORKDIR`: the teacher rows and the run's latest student, scored
+    as the trainer's report does; (rows for `flowsteer_jax.evaluate`, the report's header)."""
+    metrics = evaluate_models(config, workdir, load_student(teacher_dir(config, workdir), workdir))
     return report_rows(metrics), report_header(config)
 
 
