@@ -41,11 +41,13 @@ def get_config():
             vae_train_steps=500,
             vae_seed=0,
             teacher_dir="",  # "" = WORKDIR/teacher
-            teacher_train_steps=2500,
+            teacher_train_steps=2000,
             teacher_batch_size=64,
             teacher_seed=0,
             teacher_layers=4,
-            teacher_heads=2,
+            # Width 48: over 3 teacher seeds its 28-step CFG samples beat its 4-step ones by 6.0 points (width 32 at
+            # 2,500 steps: 5.4, with a 0.32 teacher); 2,000 steps keep the main job within 10 minutes.
+            teacher_heads=3,
             teacher_head_dim=16,
             teacher_lr=3e-3,
             teacher_guidance=5.0,

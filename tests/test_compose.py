@@ -126,6 +126,13 @@ def test_compose_run_end_to_end(tmp_path, capsys):
     student = metrics["rows"]["student_4"]
     assert last["accuracy"] == student["accuracy"] and last["fd"] == student["fd"]
     assert "| colour |" in open(tmp_path / "eval" / "results.md").read()
+    from flowsteer_jax.digits import figure
+
+    assert figure.main(["--run", workdir, "--out", str(tmp_path / "fig.png"), "--n=5", "--scale=1"]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "fig.png").size == (5 * 24 + 6 * 2, 4 * 24 + 5 * 2)  # 4 rows, 2-pixel borders
+    assert figure.main(["--run", workdir, "--out", str(tmp_path / "f.png"), "--rows=nope"]) == 2
 
     sets = ["--set=compose.eval_samples=12", "--set=compose.pool_size=64", "--set=train.batch_size=4"]
     args = ["--workdir", workdir, "--config=configs/digits_compose.py", "--seeds=1", "--steps=1", "--tables=1"]

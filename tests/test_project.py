@@ -20,6 +20,8 @@ PROGRAMS = (
     "flowsteer_jax.sample",
     "flowsteer_jax.evaluate",
     "flowsteer_jax.digits.ablate",
+    "flowsteer_jax.digits.figure",
+    "flowsteer_jax.compose.measure",
     "flowsteer_jax.tools.tiny_model",
     "benchmarks.sampling",
     "benchmarks.mmdit_forward",

@@ -153,6 +153,11 @@ def _save(path: str, images: np.ndarray, prompt_ids: np.ndarray) -> None:
     np.savez(path, images=np.clip(images, 0.0, 1.0).astype(np.float32), prompt_ids=prompt_ids)
 
 
+def eval_prompts_of(config: ml_collections.ConfigDict) -> list[str]:
+    """The report's evaluation prompts, in sample order."""
+    return evaluate.eval_set(int(config.compose.eval_samples), vae.LATENT_SHAPE, tasks=config.compose.tasks).prompts
+
+
 def evaluate_models(
     config: ml_collections.ConfigDict, workdir: str, student: nnx.Module | None, *, rows: dict | None = None
 ) -> dict:

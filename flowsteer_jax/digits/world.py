@@ -112,6 +112,11 @@ def _samples(name: str, workdir: str, make, eval_digits: np.ndarray, cache: str 
     return images
 
 
+def eval_prompts_of(config: ml_collections.ConfigDict) -> list[str]:
+    """The report's evaluation prompts, in sample order."""
+    return evaluate.eval_set(int(config.digits.eval_samples), seed=evaluate.EVAL_SEED).prompts
+
+
 def evaluate_models(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module | None) -> dict:
     """Sample and score the teacher rows (and the student when given) on the fixed evaluation set."""
     d = config.digits
