@@ -63,13 +63,15 @@ def nfe(steps: int, guidance: float) -> str:
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, Callable[[float], str]]]) -> str:
-    """`| method | NFE | <columns> |`; `columns`: (JSON key, header, formatter); a missing value shows as —."""
+    """`| method | NFE | <columns> |`; `columns`: (JSON key, header, formatter); a missing or NaN value (a metric
+    that does not apply, e.g. position with no position prompts) shows as —."""
     lines = [
         "| method | NFE | " + " | ".join(h for _, h, _ in columns) + " |",
         "|---|---:|" + "---:|" * len(columns),
     ]
     for r in rows:
-        cells = [fmt(r["metrics"][k]) if k in r["metrics"] else "—" for k, _, fmt in columns]
+        values = [r["metrics"].get(k) for k, _, _ in columns]
+        cells = ["—" if v is None or v != v else fmt(v) for v, (_, _, fmt) in zip(values, columns, strict=True)]
         lines.append(f"| {r['label']} | {r.get('nfe', '—')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
