@@ -251,5 +251,13 @@ def test_digits_run_end_to_end_and_ablation(tmp_path):
     assert rows["gan_least_squares"][0]["accuracy"] >= 0 and rows["full"][0]["step"] == 2
     for name in ("perflow_seed0", "full_seed0", "teacher_1_diffusers_seed0", "table1_interpolated_0.900_seed0"):
         assert os.path.isfile(os.path.join(workdir, "samples", f"{name}.npz")), name
+    # a second invocation with the same settings adds to the results (reusing the finished run as it is)
+    again = ["--workdir", workdir, "--seeds=1", "--steps=2", "--tables=5", "--rows=perflow",
+             "--set=digits.eval_samples=40", *sets]  # fmt: skip
+    assert ablate.main(again) == 0
+    result2 = json.load(open(os.path.join(workdir, "ablation.json")))
+    assert set(result2["rows"]) == {"perflow", "full", "gan_least_squares"} and result2["table1"] == t1
+    assert result2["rows"]["perflow"] == rows["perflow"] and len(result2["invocations"]) == 2
+    assert "| interpolated at t = 0.750 |" in open(os.path.join(workdir, "ablation.md")).read()
     assert ablate.main(["--workdir", workdir, "--set=digits.nope=1"]) == 2
     assert ablate.main(["--workdir", workdir, "--tables=3"]) == 2

@@ -30,8 +30,9 @@ real training-split image for the prompt, the point PeRFlow trains from) instead
 "own trajectory" row is the uninterrupted solve from the same noise eps (the same at every t), which is also
 the reference of the interpolated rows' MSE (≈: within noise of it).
 
-Results: `WORKDIR/ablation.md`, `ablation.json`, and samples `WORKDIR/samples/<row>_seed<k>.npz`. The OTA cost
-column is trained windows per second of each row.
+Results: `WORKDIR/ablation.md`, `ablation.json` (accumulated over invocations with the same settings, so
+`--tables=k` after the default tables adds its rows and reuses the finished runs of the full method), and samples
+`WORKDIR/samples/<row>_seed<k>.npz`. The OTA cost column is trained windows per second of each row.
 """
 
 from __future__ import annotations
@@ -141,6 +142,16 @@ def world_module(config):
     return importlib.import_module(WORLDS[name])
 
 
+def _finished(run_dir: str, steps: int) -> dict | None:
+    """A run's `metrics.json` (its report) if it has trained all `steps`, else None."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        m = json.load(f)
+    return m if m.get("training", {}).get("steps") == steps else None
+
+
 def train_rows(base_config, workdir: str, seeds: int, steps: int | None, rows: list[str]) -> dict:
     """Each row of `rows` distilled `seeds` times from the shared models; the students' metrics per row."""
     from flowsteer_jax.train import train
@@ -161,16 +172,17 @@ def train_rows(base_config, workdir: str, seeds: int, steps: int | None, rows: l
             if steps:
                 config.train.num_steps = steps
             run_dir = os.path.join(workdir, "ablation", f"{name}_seed{k}")
-            out = train(config, run_dir)
-            with open(os.path.join(run_dir, "metrics.json")) as f:
-                m = json.load(f)
+            m = _finished(run_dir, int(config.train.num_steps))
+            if m is None:  # else reused as it is: a run of the same row and settings (see `_main`)
+                train(config, run_dir)
+                m = _finished(run_dir, int(config.train.num_steps))
             student = f"student_{config.distill.num_segments}"
             shutil.copyfile(
                 os.path.join(run_dir, "samples", f"{student}.npz"),
                 os.path.join(workdir, "samples", f"{name}_seed{k}.npz"),
             )
             results.setdefault(name, []).append(
-                {**m["rows"][student], "windows_per_s": m["training"]["windows_per_s"], "step": out["step"]}
+                {**m["rows"][student], "windows_per_s": m["training"]["windows_per_s"], "step": m["training"]["steps"]}
             )
     return results
 
@@ -358,17 +370,39 @@ def _main(args) -> int:
     if any(r[0] in ("4", "k") for r in ROWS if r[1] in rows) and "full" not in rows:
         rows.append("full")  # Table 4 and the K rows are read against the full method
     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
+    # Results accumulate over invocations with the same settings (e.g. --tables=k after the default tables, reusing
+    # the full method's finished runs); other settings start afresh.
+    settings = {"config": os.path.abspath(args.config), "set": list(args.set), "steps": args.steps, "seeds": args.seeds}
+    path = os.path.join(args.workdir, "ablation.json")
+    before: dict = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before.get("settings") != settings:
+            logging.getLogger("flowsteer_jax").warning(
+                "%s holds results of other settings (%s); starting afresh", path, before.get("settings")
+            )
+            before = {}
     t0 = time.perf_counter()
     t1, t2 = teacher_tables(config, args.workdir, args.seeds, tables)
     t_teacher = time.perf_counter() - t0
     trained = train_rows(config, args.workdir, args.seeds, args.steps or None, rows)
+    trained = {**before.get("rows", {}), **trained}
+    t1, t2 = t1 or before.get("table1", {}), t2 or before.get("table2", {})
     machine = f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}"
     md = markdown(trained, t1, t2, args.seeds, machine, str(config.world), TABLE1_STEPS)
     with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
         f.write(md)
-    seconds = {"teacher_tables": t_teacher, "total": time.perf_counter() - t0}
-    out = {"rows": trained, "table1": t1, "table2": t2, "seconds": seconds, "machine": machine}
-    with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
+    run = {"tables": sorted(tables), "rows": rows, "teacher_seconds": t_teacher, "seconds": time.perf_counter() - t0}
+    out = {
+        "settings": settings,
+        "rows": trained,
+        "table1": t1,
+        "table2": t2,
+        "invocations": [*before.get("invocations", []), run],
+        "machine": machine,
+    }
+    with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print(md)
     return 0
