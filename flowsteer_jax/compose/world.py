@@ -221,8 +221,8 @@ def metrics_table(metrics: dict) -> str:
     return markdown_table(report_rows(metrics), COLUMNS)
 
 
-def report_header(config: ml_collections.ConfigDict) -> str:
-    clf = evaluate.classifier_accuracy()
+def report_header(config: ml_collections.ConfigDict, clf: dict[str, float]) -> str:
+    """The report's first lines; `clf`: `evaluate.classifier_accuracy()` (computed once by the caller)."""
     return (
         "# FlowSteer in the compositional digits world\n\n"
         f"Evaluation: {config.compose.eval_samples} fixed prompts and noises "
@@ -242,7 +242,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> tuple[list[
     if not vae.is_complete(vae_dir(config, workdir)):
         raise InputError(f"{vae_dir(config, workdir)}: no complete VAE (train the run first)")
     metrics = evaluate_models(config, workdir, load_student(teacher_dir(config, workdir), workdir))
-    return report_rows(metrics), report_header(config)
+    return report_rows(metrics), report_header(config, evaluate.classifier_accuracy())
 
 
 def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module, stats: dict) -> dict:
@@ -258,7 +258,7 @@ def report(config: ml_collections.ConfigDict, workdir: str, student: nnx.Module,
         json.dump(out, f, indent=2)
     d = config.distill
     lines = [
-        report_header(config),
+        report_header(config, clf),
         "",
         metrics_table(metrics),
         "",
