@@ -55,7 +55,12 @@ STRUCTURAL_KEYS = (
 )
 # Settings added after checkpoints were first written: absent from an older checkpoint means this value (the
 # behaviour before the key existed), so such a checkpoint still resumes unless the run asks for another value.
-ADDED_KEYS: dict[str, Any] = {"disc.heads": "final", "disc.trunk": "full", "loss.gan": "hinge"}
+ADDED_KEYS: dict[str, Any] = {
+    "disc.heads": "final",
+    "disc.trunk": "full",
+    "loss.gan": "hinge",
+    "loss.window_weighting": "uniform",
+}
 
 
 # The settings that define a run (dotted config keys; a section means all its keys): a resume must agree on each,

@@ -138,10 +138,61 @@ def test_compose_run_end_to_end(tmp_path, capsys):
     args = ["--workdir", workdir, "--config=configs/digits_compose.py", "--seeds=1", "--steps=1", "--tables=1"]
     assert ablate.main([*args, "--rows=perflow", *sets]) == 0
     result = json.load(open(os.path.join(workdir, "ablation.json")))
-    assert set(result["table1"]) == {"trajectory", "interpolated_0.900", "interpolated_0.750", "interpolated_0.500"}
+    kinds, ts = ("interpolated", "coupled", "uncoupled"), ("0.900", "0.750", "0.500")
+    assert set(result["table1"]) == {"trajectory"} | {f"{k}_{t}" for k in kinds for t in ts}
+    # per-image pairs with the own trajectory (same prompts and noises): the gate's statistics
+    assert result["table1"]["coupled_0.500"][0]["paired_n"] == 12
     assert result["table1"]["interpolated_0.500"][0]["count"] >= 0 and set(result["rows"]) == {"perflow"}
     assert result["rows"]["perflow"][0]["step"] == 1
     table = open(os.path.join(workdir, "ablation.md")).read()
     assert "digits_compose world" in table and "| colour ↑ |" in table and "| PeRFlow |" in table
     with np.load(os.path.join(workdir, "samples", "table1_interpolated_0.750_seed0.npz")) as f:
         assert f["images"].shape == (12, 24, 24, 3)
+    per_seed = json.load(open(os.path.join(workdir, "digits_compose_ablation.json")))
+    assert per_seed["PeRFlow"]["accuracy"] == [result["rows"]["perflow"][0]["accuracy"]]
+    assert len(per_seed["PeRFlow"]["mse_teacher"]) == 1
+    # With the gate on, a 3-step teacher fails it: the ablation refuses to train and says why (exit 2)
+    gated = [*args[:-1], "--tables=5", "--rows=ota", *sets, "--set=compose.gate=True"]
+    assert ablate.main(gated) == 2
+    assert "gate failed" in capsys.readouterr().err
+    assert "## The teacher-only gate: FAILED" in open(os.path.join(workdir, "ablation.md")).read()
+    assert not os.path.exists(os.path.join(workdir, "ablation", "ota_seed0"))
+
+
+def test_caption_corruption_rates_and_kinds(rng):
+    """LAION-like captions: the stated fraction changes, into another prompt of the world of the drawn kind, and
+    every kind a task admits occurs; the pool's images stay as they are."""
+    from flowsteer_jax.compose import world
+
+    ids = data.sample_prompts(rng, 20_000, "single,colour,two")
+    new, kinds = data.corrupt_captions(np.random.default_rng(1), ids, 0.3)
+    changed = new != ids
+    assert np.array_equal(changed, kinds >= 0)
+    assert abs(changed.mean() - 0.3) < 0.015  # binomial sd 0.003; every prompt of these tasks admits a kind
+    assert set(np.unique(kinds[changed])) == {0, 1, 2}
+    s, prompts = data.spec(), data.all_prompts()
+    for i in np.flatnonzero(changed)[:300]:
+        a, b, kind = ids[i], new[i], data.CORRUPTIONS[kinds[i]]
+        if kind == "attribute":  # same digits, another colour
+            assert sorted(s.digit[a]) == sorted(s.digit[b]) and sorted(s.colour[a]) != sorted(s.colour[b])
+        elif kind == "partial":  # fewer objects named, or the colour left out
+            assert s.count[b] < s.count[a] or (s.count[b] == 1 and s.colour[b][0] < 0 <= s.colour[a][0])
+        else:
+            assert sorted(s.digit[a]) != sorted(s.digit[b]), (prompts[a], prompts[b])
+    same, _ = data.corrupt_captions(np.random.default_rng(1), ids, 0.0)
+    assert np.array_equal(same, ids)
+    # the world's pool: captions corrupted at the config's rate, the scenes those of the clean pool
+    from configs.digits_compose import get_config
+
+    config = get_config()
+    config.compose.pool_size = 2000
+    clean = world.training_pool(config)
+    config.compose.caption_noise = 0.3
+    noisy = world.training_pool(config)
+    assert np.array_equal(noisy.images, clean.images) and np.array_equal(noisy.cells, clean.cells)
+    assert abs((noisy.prompt_ids != clean.prompt_ids).mean() - 0.3) < 0.04
+    # PeRFlow's x0 for a prompt is a pool scene captioned with it (so wrong 30% of the time)
+    latents = np.arange(len(noisy.prompt_ids), dtype=np.float32)
+    want = noisy.prompt_ids[:50]
+    picked = world.pool_x0(noisy, latents, want, seed=0).astype(np.int64)
+    assert np.array_equal(noisy.prompt_ids[picked], want)

@@ -240,11 +240,13 @@ def test_digits_run_end_to_end_and_ablation(tmp_path):
     table = open(os.path.join(workdir, "ablation.md")).read()
     assert "| PeRFlow |" in table and "| full (+feature matching) |" in table and "| 28 | rectified |" in table
     assert "## Table 4" in table and "| least-squares GAN loss |" in table  # "full" joined: Table 4 reads against it
-    assert "## Table 1" in table and "| interpolated at t = 0.750 |" in table
+    assert "## Table 1" in table and "| interpolated, t = 0.750 |" in table
+    assert "| control: own sample, same eps, t = 0.500 |" in table and "## Comparisons" in table
     result = json.load(open(os.path.join(workdir, "ablation.json")))
     # Table 1: the teacher resumed at the 4-window rectified grid's inner boundaries (shift 3: 0.9, 0.75, 0.5)
     t1 = result["table1"]
-    assert set(t1) == {"trajectory", "interpolated_0.900", "interpolated_0.750", "interpolated_0.500"}
+    kinds = ("interpolated", "coupled", "uncoupled")
+    assert set(t1) == {"trajectory"} | {f"{k}_{t}" for k in kinds for t in ("0.900", "0.750", "0.500")}
     assert "mse_to_reference" not in t1["trajectory"][0] and t1["interpolated_0.500"][0]["mse_to_reference"] > 0
     rows = result["rows"]
     assert set(rows) == {"perflow", "full", "gan_least_squares"}
@@ -258,6 +260,30 @@ def test_digits_run_end_to_end_and_ablation(tmp_path):
     result2 = json.load(open(os.path.join(workdir, "ablation.json")))
     assert set(result2["rows"]) == {"perflow", "full", "gan_least_squares"} and result2["table1"] == t1
     assert result2["rows"]["perflow"] == rows["perflow"] and len(result2["invocations"]) == 2
-    assert "| interpolated at t = 0.750 |" in open(os.path.join(workdir, "ablation.md")).read()
+    assert "| interpolated, t = 0.750 |" in open(os.path.join(workdir, "ablation.md")).read()
+    per_seed = json.load(open(os.path.join(workdir, "digits_ablation.json")))
+    assert set(per_seed) == {"PeRFlow", "full", "gan_least_squares"}
+    assert per_seed["PeRFlow"]["accuracy"] == [rows["perflow"][0]["accuracy"]]
+    assert per_seed["full"]["mse_teacher"] == [rows["full"][0]["mse_to_reference"]]
     assert ablate.main(["--workdir", workdir, "--set=digits.nope=1"]) == 2
     assert ablate.main(["--workdir", workdir, "--tables=3"]) == 2
+
+
+def test_stored_classifiers_are_the_fitted_ones():
+    """The scoring classifiers are stored weights (machine-independent scores): refitted here they predict the same
+    held-out labels (up to near-ties), and the stored file is what `classifier()` uses."""
+    from flowsteer_jax.compose import evaluate as compose_evaluate
+    from flowsteer_jax.digits import mlp
+
+    images, labels = data.single_digits("test")
+    x = images.reshape(len(images), -1) / 16.0
+    stored, refit = evaluate.classifier(), evaluate.fit_classifier()
+    assert os.path.isfile(evaluate.CLASSIFIER_FILE) and stored.w1.dtype == np.float64
+    assert np.mean(stored.predict(x) == refit.predict(x)) > 0.99
+    assert np.mean(stored.predict(x) == labels) > 0.9
+    missing = mlp.load(str(os.path.join(os.path.dirname(evaluate.CLASSIFIER_FILE), "nope.npz")), lambda: refit)
+    assert missing is refit  # a checkout without the file refits
+    cells = compose_evaluate._cells_of(data.to_unit(compose_evaluate.reference_scenes(200).images))
+    stored_c = compose_evaluate.classifier()
+    assert os.path.isfile(compose_evaluate.CLASSIFIER_FILE)
+    assert np.mean(stored_c.predict(cells) == compose_evaluate.fit_classifier().predict(cells)) > 0.99

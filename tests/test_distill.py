@@ -371,3 +371,28 @@ def test_rollout_students_with_interpolated_starts_and_remat():
     pairs = zip(jax.tree.leaves(state["params"]["lora"]), jax.tree.leaves(lora0), strict=True)
     diff = [np.abs(np.asarray(a) - b).max() for a, b in pairs]
     assert max(diff) > 0
+
+
+def test_window_weighting_by_length():
+    """"length" weighs each window's squared error by its length (the paper's integral over the window), scaled to
+    average 1; "uniform" gives every window the same weight; the train step uses the configured one."""
+    b = jnp.asarray(ota.window_boundaries(4, "rectified", 3.0))  # [1, 0.9, 0.75, 0.5, 0]: lengths .1 .15 .25 .5
+    s_hi, s_lo = b[:-1], b[1:]
+    w = losses.window_weights(s_hi, s_lo, "length")
+    np.testing.assert_allclose(w, 4 * np.array([0.1, 0.15, 0.25, 0.5]), rtol=1e-5)
+    np.testing.assert_allclose(losses.window_weights(s_hi, s_lo, "uniform"), np.ones(4))
+    r = np.random.default_rng(0)
+    pred, target = (jnp.asarray(r.standard_normal((3, 4, 2, 2, 1)), jnp.float32) for _ in range(2))
+    per_window = np.mean(np.square(np.asarray(pred) - np.asarray(target)), axis=(0, 2, 3, 4))
+    assert np.isclose(losses.velocity_loss(pred, target), per_window.mean(), rtol=1e-6)
+    assert np.isclose(losses.velocity_loss(pred, target, w), np.mean(per_window * np.asarray(w)), rtol=1e-6)
+    with pytest.raises(ValueError, match="window weighting"):
+        losses.window_weights(s_hi, s_lo, "area")
+    no_disc = {"loss.lambda_adv": 0.0, "loss.lambda_fm": 0.0}
+    state, frozen, graphs = single_device_state(tiny_config(**no_disc))
+    rng, batch = jax.random.PRNGKey(0), make_batch()
+    uniform = make_step(tiny_config(**no_disc), graphs)(state, frozen, batch, rng)[1]
+    state, frozen, graphs = single_device_state(tiny_config(**no_disc))
+    config = tiny_config(**no_disc, **{"loss.window_weighting": "length"})
+    length = make_step(config, graphs)(state, frozen, batch, rng)[1]
+    assert np.isfinite(float(length["loss_dist"])) and float(length["loss_dist"]) != float(uniform["loss_dist"])

@@ -194,3 +194,75 @@ def cell_crops(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     n = len(images)
     return images.reshape(n, 2, CELL, 2, CELL, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, NUM_CELLS, CELL, CELL, 3)
+
+
+# Caption corruption (LAION-like noisy captions; `corrupt_captions`): which kinds a prompt of each task admits.
+CORRUPTIONS = ("attribute", "partial", "digit")  # a wrong colour, a caption naming fewer objects, a swapped digit
+
+
+@functools.cache
+def _prompt_index() -> dict[str, int]:
+    return {p: i for i, p in enumerate(all_prompts())}
+
+
+def _phrase(objects: list[tuple[int, int, int]]) -> str:
+    """The prompt naming `objects` ((digit, cell, colour) with -1 = unnamed) as `_objects` words it."""
+
+    def one(d: int, cell: int, colour: int) -> str:
+        word = f"a {COLOUR_NAMES[colour]} {d}" if colour >= 0 else f"a {d}"
+        return f"{word} {POSITIONS[cell]}" if cell >= 0 else word
+
+    digits = [o[0] for o in objects]
+    if len(objects) > 2:  # counting: n copies of one digit
+        return f"{COUNT_WORDS[len(objects)]} copies of {digits[0]}"
+    return " and ".join(one(*o) for o in objects)
+
+
+def _corruptions(pid: int) -> dict[str, list[int]]:
+    """For prompt `pid`, each kind of `CORRUPTIONS` -> the prompt ids it can turn the caption into (other prompts
+    of the world; a kind the prompt does not admit is absent)."""
+    s, index = spec(), _prompt_index()
+    objects = [(int(d), int(c), int(k)) for d, c, k in zip(s.digit[pid], s.cell[pid], s.colour[pid], strict=True)]
+    objects = [o for o in objects if o[0] >= 0]
+    out: dict[str, list[int]] = {}
+
+    def add(kind: str, objs: list[tuple[int, int, int]]) -> None:
+        i = index.get(_phrase(objs))
+        if i is not None and i != pid:
+            out.setdefault(kind, []).append(i)
+
+    for j, (d, cell, colour) in enumerate(objects):
+        if colour >= 0:
+            for other in range(len(COLOURS)):
+                if other != colour:
+                    add("attribute", objects[:j] + [(d, cell, other)] + objects[j + 1 :])
+        for other in DIGITS:
+            if other != d:
+                if len(objects) > 2:  # counting names one digit for all copies
+                    add("digit", [(other, cell, colour)] * len(objects))
+                else:
+                    add("digit", objects[:j] + [(other, cell, colour)] + objects[j + 1 :])
+    if len(objects) == 2:
+        for keep in objects:
+            add("partial", [keep])
+    elif any(o[2] >= 0 or o[1] >= 0 for o in objects):  # a single object's colour left out
+        add("partial", [(o[0], -1, -1) for o in objects])
+    return out
+
+
+def corrupt_captions(rng: np.random.Generator, prompt_ids: np.ndarray, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """LAION-like captions: each caption is corrupted with probability `rate`, by a kind of `CORRUPTIONS` drawn
+    uniformly from those its prompt admits, into a uniformly drawn prompt of that kind. The image stays, so the
+    caption no longer describes it. Returns (new prompt ids, kind index into `CORRUPTIONS` or -1 = unchanged)."""
+    ids = np.asarray(prompt_ids, np.int64).copy()
+    kinds = np.full(len(ids), -1, np.int64)
+    hit = rng.random(len(ids)) < rate
+    table = {int(p): _corruptions(int(p)) for p in np.unique(ids[hit])}
+    for i in np.flatnonzero(hit):
+        options = table[int(ids[i])]
+        if not options:
+            continue
+        kind = sorted(options)[rng.integers(len(options))]
+        ids[i] = options[kind][rng.integers(len(options[kind]))]
+        kinds[i] = CORRUPTIONS.index(kind)
+    return ids, kinds

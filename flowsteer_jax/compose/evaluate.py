@@ -1,8 +1,9 @@
 """Evaluation in the compositional world: a cell classifier, GenEval-like per-category scores, FD, fidelity.
 
 - The classifier is scikit-learn's `MLPClassifier` (one hidden layer of `HIDDEN` ReLU units, fixed seed) on
-  single cells (CELL x CELL x 3, in [0, 1]) of TRAINING-split scenes; its classes are "empty" and each (digit,
-  colour). `classifier_accuracy` checks it on cells of HELD-OUT scenes.
+  single cells (CELL x CELL x 3, in [0, 1]) of TRAINING-split scenes, stored as weights (`classifier.npz`,
+  `digits.mlp`: scores do not depend on the machine); its classes are "empty" and each (digit, colour).
+  `classifier_accuracy` checks it on cells of HELD-OUT scenes.
 - A generated scene is read as its four cells' (digit or empty, colour) and scored against its prompt's content
   (`data.spec`): `count` (how many digits), `identity` (every named digit present, each in its own cell),
   `position` (named cells hold the named digits; position prompts only), `attribute` (named digits have the
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from typing import NamedTuple
 
 import numpy as np
 
 from flowsteer_jax.compose import data
+from flowsteer_jax.digits import mlp
 from flowsteer_jax.digits.data import to_unit
 from flowsteer_jax.digits.evaluate import frechet_distance
 
@@ -64,19 +67,21 @@ def _cells_of(images: np.ndarray) -> np.ndarray:
     return data.cell_crops(images).reshape(len(images) * data.NUM_CELLS, -1)
 
 
-@functools.cache
-def classifier():
-    """The fixed cell classifier, trained once per process on cells of training-split scenes."""
-    from sklearn.neural_network import MLPClassifier
-    from threadpoolctl import threadpool_limits
+CLASSIFIER_FILE = os.path.join(os.path.dirname(__file__), "classifier.npz")  # `digits.mlp.main` writes it
 
+
+def fit_classifier() -> mlp.MLP:
+    """The cell classifier as it was made: scikit-learn's MLPClassifier on cells of training-split scenes."""
     scenes = data.sample_scenes(np.random.default_rng(CLASSIFIER_SEED), CLASSIFIER_SCENES, "train")
-    clf = MLPClassifier(hidden_layer_sizes=(HIDDEN,), max_iter=300, random_state=CLASSIFIER_SEED)
-    # One BLAS thread: after JAX has run, a multi-threaded fit of these small matrices ran 6x slower (126 s
-    # against 21 s on 2 cores).
-    with threadpool_limits(1):
-        clf.fit(_cells_of(to_unit(scenes.images)), _cell_labels(scenes.cells, scenes.colours).reshape(-1))
-    return clf
+    x, y = _cells_of(to_unit(scenes.images)), _cell_labels(scenes.cells, scenes.colours).reshape(-1)
+    return mlp.fit(x, y, HIDDEN, CLASSIFIER_SEED, max_iter=300)
+
+
+@functools.cache
+def classifier() -> mlp.MLP:
+    """The fixed cell classifier: the stored weights (`CLASSIFIER_FILE`), so scores do not depend on the machine
+    or the scikit-learn version."""
+    return mlp.load(CLASSIFIER_FILE, fit_classifier)
 
 
 def read_cells(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +93,7 @@ def read_cells(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def features(images: np.ndarray) -> np.ndarray:
     """(N, 4 * HIDDEN) classifier hidden features (ReLU layer) of the four cells, concatenated."""
-    clf = classifier()
-    h = np.maximum(_cells_of(images) @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
-    return h.reshape(len(images), -1).astype(np.float64)
+    return classifier().hidden(_cells_of(images)).reshape(len(images), -1)
 
 
 def classifier_accuracy(n: int = 1000, seed: int = REFERENCE_SEED) -> dict[str, float]:
@@ -127,6 +130,16 @@ def score(images: np.ndarray, prompt_ids: np.ndarray) -> dict[str, float]:
     return score_cells(*read_cells(images), prompt_ids)
 
 
+def _full(cells: np.ndarray, colours: np.ndarray, spec: data.Spec, pid: np.ndarray) -> np.ndarray:
+    count = (cells >= 0).sum(1) == spec.count[pid]
+    return count & _matched(cells, colours, spec, pid, cell=True, colour=True)
+
+
+def correct(images: np.ndarray, prompt_ids: np.ndarray) -> np.ndarray:
+    """(N,) bool: whether each image satisfies everything its prompt asks (the per-image `accuracy`)."""
+    return _full(*read_cells(images), data.spec(), np.asarray(prompt_ids))
+
+
 def score_cells(cells: np.ndarray, colours: np.ndarray, prompt_ids: np.ndarray) -> dict[str, float]:
     """`score` of scenes read as (cells, colours), each (N, 4) with -1 = empty."""
     spec, pid = data.spec(), np.asarray(prompt_ids)
@@ -134,7 +147,7 @@ def score_cells(cells: np.ndarray, colours: np.ndarray, prompt_ids: np.ndarray) 
     identity = _matched(cells, colours, spec, pid, cell=False, colour=False)
     position = _matched(cells, colours, spec, pid, cell=True, colour=False)
     attribute = _matched(cells, colours, spec, pid, cell=False, colour=True)
-    full = count & _matched(cells, colours, spec, pid, cell=True, colour=True)
+    full = _full(cells, colours, spec, pid)
     task = spec.task[pid]
     is_pos, is_col = (
         task == data.TASKS.index("position"),

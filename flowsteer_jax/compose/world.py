@@ -67,7 +67,7 @@ def ensure_models(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
     autoencoder = vae.ensure_vae(vae_dir(config, workdir), steps=int(c.vae_train_steps), seed=int(c.vae_seed))
     times["vae"] = time.perf_counter() - t
     t = time.perf_counter()
-    pool = data.sample_scenes(np.random.default_rng(int(c.pool_seed)), int(c.pool_size), "train", tasks=c.tasks)
+    pool = training_pool(config)
     latents = vae.encode_latents(autoencoder, pool.images)
     times["pool"] = time.perf_counter() - t
     folder = teacher_dir(config, workdir)
@@ -80,7 +80,7 @@ def ensure_models(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
             _pool_sampler,
             embeds,
             pooled,
-            name="digits_compose",
+            name="digits_compose" + (f"-captions{float(c.caption_noise):g}" if c.caption_noise else ""),
         )
         teacher.pretrain_teacher(
             folder,
@@ -99,6 +99,32 @@ def ensure_models(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
     return autoencoder, pool, latents
 
 
+def training_pool(config: ml_collections.ConfigDict) -> data.Scenes:
+    """The training scenes: the teacher's data, the distillation prompts and PeRFlow's x0. With
+    `compose.caption_noise` a fraction of their captions is corrupted (`data.corrupt_captions`: LAION-like
+    captions); `prompt_ids` are then the captions as trained on, `cells`/`colours` what the images show."""
+    c = config.compose
+    pool = data.sample_scenes(np.random.default_rng(int(c.pool_seed)), int(c.pool_size), "train", tasks=c.tasks)
+    if c.caption_noise:
+        rng = np.random.default_rng([int(c.pool_seed), 1])
+        pool = pool._replace(prompt_ids=data.corrupt_captions(rng, pool.prompt_ids, float(c.caption_noise))[0])
+    return pool
+
+
+def pool_x0(pool: data.Scenes, latents: np.ndarray, prompt_ids: np.ndarray, seed: int) -> np.ndarray:
+    """PeRFlow's x0 for `prompt_ids`: the latent of a training scene captioned with that prompt, drawn uniformly
+    from the (possibly noisy) pool. A prompt the pool never captions is refused."""
+    rng = np.random.default_rng([seed, 2])
+    order = np.argsort(pool.prompt_ids, kind="stable")
+    ids = pool.prompt_ids[order]
+    lo, hi = np.searchsorted(ids, prompt_ids, "left"), np.searchsorted(ids, prompt_ids, "right")
+    if np.any(hi == lo):
+        missing = sorted(set(np.asarray(prompt_ids)[hi == lo].tolist()))
+        raise ValueError(f"the training pool has no scene captioned {[data.all_prompts()[i] for i in missing][:3]}")
+    pick = lo + (rng.random(len(lo)) * (hi - lo)).astype(np.int64)
+    return latents[order[pick]]
+
+
 def share_models(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Point `config` at the models an ablation's runs share (`WORKDIR/vae`, `WORKDIR/teacher`)."""
     config.compose.vae_dir = config.compose.vae_dir or os.path.join(workdir, "vae")
@@ -108,16 +134,21 @@ def share_models(config: ml_collections.ConfigDict, workdir: str) -> None:
 def lab(config: ml_collections.ConfigDict, workdir: str, seed: int) -> Lab:
     """The teacher (VAE and teacher trained if absent) and the evaluation set of `seed` (`EVAL_SEED + seed`)."""
     c = config.compose
-    autoencoder, _, _ = ensure_models(config, workdir)
+    autoencoder, pool, latents = ensure_models(config, workdir)
     ev = evaluate.eval_set(int(c.eval_samples), vae.LATENT_SHAPE, seed=evaluate.EVAL_SEED + seed, tasks=c.tasks)
-    real = data.sample_scenes(np.random.default_rng(seed), len(ev.prompt_ids), "train", prompt_ids=ev.prompt_ids)
+    if c.caption_noise:  # PeRFlow's x0 as it trains on them: pool scenes under the (noisy) caption
+        x0 = pool_x0(pool, latents, ev.prompt_ids, seed)
+    else:
+        real = data.sample_scenes(np.random.default_rng(seed), len(ev.prompt_ids), "train", prompt_ids=ev.prompt_ids)
+        x0 = vae.encode_latents(autoencoder, real.images)
     return Lab(
         model=load_transformer(teacher_dir(config, workdir)),
         cond=text.encode_with_uncond(ev.prompts, seed=int(c.text_seed), language=language()),
         noise=ev.noise,
-        x0=vae.encode_latents(autoencoder, real.images),
+        x0=x0,
         decode=lambda z: vae.decode(autoencoder, z),
         score=lambda images, ref: evaluate.evaluate(images, ev.prompt_ids, ref, tasks=c.tasks),
+        correct=lambda images: evaluate.correct(images, ev.prompt_ids),
         save=lambda path, images: _save(path, images, ev.prompt_ids),
         guidance=float(c.teacher_guidance),
     )
@@ -144,7 +175,8 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         eval_prompts=ev.prompts,
         score=lambda images: {"accuracy": evaluate.score(images, ev.prompt_ids)["accuracy"]},
         finish=report,
-        fingerprint=f"digits_compose-text{c.text_seed}-pool{c.pool_seed}-{c.pool_size}-{c.tasks or 'all'}",
+        fingerprint=f"digits_compose-text{c.text_seed}-pool{c.pool_seed}-{c.pool_size}-{c.tasks or 'all'}"
+        + (f"-captions{float(c.caption_noise):g}" if c.caption_noise else ""),
     )
 
 

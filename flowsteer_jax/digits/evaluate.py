@@ -1,7 +1,8 @@
 """Evaluation in the digits world: a digit classifier, prompt accuracy, Fréchet distance, fidelity; sampling.
 
 - The classifier is scikit-learn's `MLPClassifier` (one hidden layer of `HIDDEN` ReLU units, fixed
-  `random_state`) trained on the TRAINING split's single digits (pixels / 16 in [0, 1]). A pair image is scored
+  `random_state`) trained on the TRAINING split's single digits (pixels / 16 in [0, 1]), stored as weights
+  (`classifier.npz`, `digits.mlp`: scores do not depend on the machine). A pair image is scored
   by classifying its left and right 8x8 halves; prompt accuracy counts pairs with both digits right (a toy
   GenEval).
 - Fréchet distance between Gaussians fitted to classifier hidden features (left half's ++ right half's,
@@ -15,6 +16,7 @@ student = the same MMDiT with LoRA applied) with the project's one sampler (`flo
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -23,7 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flowsteer_jax.digits import data
+from flowsteer_jax.digits import data, mlp
 from flowsteer_jax.flow.sampling import model_velocity
 from flowsteer_jax.flow.sampling import sample as flow_sample
 from flowsteer_jax.flow.schedules import sigmas as make_sigmas
@@ -56,15 +58,20 @@ def eval_set(n: int = 1000, seed: int = EVAL_SEED) -> EvalSet:
 # --- classifier ---
 
 
-@functools.cache
-def classifier():
-    """The fixed digit classifier (sklearn MLPClassifier), trained once per process on the training split."""
-    from sklearn.neural_network import MLPClassifier
+CLASSIFIER_FILE = os.path.join(os.path.dirname(__file__), "classifier.npz")  # `mlp.main` writes it
 
+
+def fit_classifier() -> mlp.MLP:
+    """The digit classifier as it was made: scikit-learn's MLPClassifier on the training split's digits."""
     images, labels = data.single_digits("train")
-    clf = MLPClassifier(hidden_layer_sizes=(HIDDEN,), max_iter=1000, random_state=CLASSIFIER_SEED)
-    clf.fit(images.reshape(len(images), -1) / 16.0, labels)
-    return clf
+    return mlp.fit(images.reshape(len(images), -1) / 16.0, labels, HIDDEN, CLASSIFIER_SEED, max_iter=1000)
+
+
+@functools.cache
+def classifier() -> mlp.MLP:
+    """The fixed digit classifier: the stored weights (`CLASSIFIER_FILE`), so scores do not depend on the
+    machine or the scikit-learn version."""
+    return mlp.load(CLASSIFIER_FILE, fit_classifier)
 
 
 def _halves(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +97,7 @@ def classify(images: np.ndarray) -> np.ndarray:
 def features(images: np.ndarray) -> np.ndarray:
     """(N, 2 * HIDDEN) classifier hidden features (ReLU layer) of both halves, concatenated."""
     clf = classifier()
-    w, b = clf.coefs_[0], clf.intercepts_[0]
-    return np.concatenate([np.maximum(h @ w + b, 0.0) for h in _halves(images)], axis=1).astype(np.float64)
+    return np.concatenate([clf.hidden(h) for h in _halves(images)], axis=1)
 
 
 def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:

@@ -46,6 +46,8 @@ Shape (all keys always present; `configs/` files override values, never add keys
 - `loss.lambda_adv`, `loss.lambda_fm`: weights of `L_adv`, `L_FM`; both 0 removes the discriminator.
   `loss.gan`: the adversarial game, "hinge" (the paper's: D hinge, `L_adv = -E D`) | "non_saturating" |
   "least_squares" (`distill.losses.GAN_LOSSES`; the paper's Table 4 compares the three).
+  `loss.window_weighting`: how `L_dist` weighs the K windows, "uniform" (1/K each) | "length" (by the window's
+  length, as the paper's integral over each window does); docs/design.md, "The FlowSteer step".
 - `adv.student_states`: "one_step" (one student step from the authentic start of each window) | "rollout"
   (the student's own K-step chain from the same noise, remat per step).
 - `disc.num_blocks`, `disc.head` ("conv" | "mlp"), `disc.param_dtype` (its trainable weights; the trunk
@@ -70,7 +72,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from conversion.errors import InputError
-from flowsteer_jax.distill.losses import GAN_LOSSES
+from flowsteer_jax.distill.losses import GAN_LOSSES, WINDOW_WEIGHTINGS
 from flowsteer_jax.evaluation.metrics import METRICS
 from flowsteer_jax.models.lora import DEFAULT_TARGETS
 from flowsteer_jax.parallel import DEFAULT_RULES
@@ -127,7 +129,7 @@ def default_config() -> ml_collections.ConfigDict:
             start_points="ota",
         )
     )
-    c.loss = ml_collections.ConfigDict(dict(lambda_adv=0.5, lambda_fm=1.0, gan="hinge"))
+    c.loss = ml_collections.ConfigDict(dict(lambda_adv=0.5, lambda_fm=1.0, gan="hinge", window_weighting="uniform"))
     c.adv = ml_collections.ConfigDict(dict(student_states="one_step"))
     c.disc = ml_collections.ConfigDict(
         dict(num_blocks=12, head="conv", heads="final", trunk="full", param_dtype="float32")
@@ -238,6 +240,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     number("loss.lambda_adv", 0)
     number("loss.lambda_fm", 0)
     one_of("loss.gan", tuple(GAN_LOSSES))
+    one_of("loss.window_weighting", WINDOW_WEIGHTINGS)
     one_of("adv.student_states", STUDENT_STATES)
     number("disc.num_blocks", 1, integer=True)
     one_of("disc.head", HEADS)

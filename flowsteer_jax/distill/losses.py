@@ -31,9 +31,29 @@ def window_points(
     return t, starts + _bcast(t - s_hi[:, None], starts) * v_star
 
 
-def velocity_loss(v_pred: jax.Array, v_star: jax.Array) -> jax.Array:
-    """Segment-wise velocity loss: mean over windows, samples and elements of `(v_S - v*)^2`."""
-    return jnp.mean(jnp.square(v_pred.astype(jnp.float32) - v_star.astype(jnp.float32)))
+WINDOW_WEIGHTINGS = ("length", "uniform")
+
+
+def window_weights(s_hi: jax.Array, s_lo: jax.Array, weighting: str) -> jax.Array:
+    """`(K,)` weights of the windows in `velocity_loss`, averaging 1.
+
+    "length": each window weighs by its length `s_hi - s_lo`, as the paper's loss (an integral over each window's
+    time) does; "uniform": every window 1 (each window's one sampled `t` counts the same).
+    """
+    if weighting == "uniform":
+        return jnp.ones_like(s_hi)
+    if weighting != "length":
+        raise ValueError(f"window weighting {weighting!r}: one of {WINDOW_WEIGHTINGS}")
+    length = s_hi - s_lo
+    return length * (length.shape[0] / jnp.sum(length))
+
+
+def velocity_loss(v_pred: jax.Array, v_star: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Segment-wise velocity loss: the mean over samples and elements of `(v_S - v*)^2`, averaged over windows with
+    `weights` (`(K,)`, averaging 1; None: uniform). Arrays are `(B, K, ...)`."""
+    err = jnp.square(v_pred.astype(jnp.float32) - v_star.astype(jnp.float32))
+    per_window = jnp.mean(err, axis=(0, *range(2, err.ndim)))
+    return jnp.mean(per_window if weights is None else per_window * weights)
 
 
 def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:

@@ -86,6 +86,9 @@ def build_train_step(
         raise ValueError("config's discriminator use (lambda_adv/lambda_fm) differs from the train state's")
     latent_shape = tuple(config.model.latent_shape if latent_shape is None else latent_shape)
     bounds = ota.window_boundaries(d.num_segments, d.schedule, d.shift)
+    window_weights = losses.window_weights(
+        jnp.asarray(bounds[:-1]), jnp.asarray(bounds[1:]), config.loss.window_weighting
+    )
     grid, index = ota.teacher_grid(d.num_segments, int(d.teacher_steps), d.schedule, d.shift)
     k = int(d.num_segments)
     lam_adv, lam_fm = float(config.loss.lambda_adv), float(config.loss.lambda_fm)
@@ -124,7 +127,7 @@ def build_train_step(
         x_in, t_in = _groups(x_in), _groups(t_in)
         c = _repeat(cond, x_in.shape[0] // b)
         v = model_velocity(student, ntt)(x_in, t_in, c).reshape(b, -1, k, *starts.shape[2:])
-        aux = {"loss_dist": losses.velocity_loss(v[:, 0], _batch_major(v_star))}
+        aux = {"loss_dist": losses.velocity_loss(v[:, 0], _batch_major(v_star), window_weights)}
         total = aux["loss_dist"]
         if not use_disc:
             return total, aux

@@ -63,6 +63,8 @@ class Lab:
     score: Callable[[np.ndarray, np.ndarray | None], dict[str, float]]  # (images, reference images) -> metrics
     save: Callable[[str, np.ndarray], None]  # (path.npz, images): the samples with their prompts' labels
     guidance: float  # the teacher's CFG scale for its reference samples
+    # (images) -> (N,) bool: each image right for its prompt (paired tests of Table 1 and the gate); None: none
+    correct: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
