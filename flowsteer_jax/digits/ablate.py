@@ -419,7 +419,8 @@ def _comparisons(trained: dict, columns) -> list[str]:
 def gap_closed(student: float, teacher_nocfg: float, target: float) -> float:
     """The fraction of the gap between the few-step teacher without CFG and the distillation target that the
     student closes."""
-    return (student - teacher_nocfg) / (target - teacher_nocfg)
+    gap = target - teacher_nocfg
+    return (student - teacher_nocfg) / gap if gap else float("nan")
 
 
 def markdown(
