@@ -427,7 +427,7 @@ def markdown(
     trained: dict,
     t1: dict,
     t2: dict,
-    seeds: int,
+    seeds: int | str,
     machine: str,
     world: str,
     steps: int = 28,
@@ -538,6 +538,9 @@ def define_flags(fv: flags.FlagValues) -> None:
         "config", os.path.join("configs", "digits.py"), "the config (world digits or digits_compose)", flag_values=fv
     )
     flags.DEFINE_integer("seeds", 3, "seeds per row", flag_values=fv)
+    flags.DEFINE_integer(
+        "teacher_seeds", 0, "evaluation seeds of the teacher-only Tables 1 and 2 (default: --seeds)", flag_values=fv
+    )
     flags.DEFINE_integer("steps", 0, "distillation steps per run (default: the config's)", flag_values=fv)
     flags.DEFINE_string("tables", "1,2,5", "which tables: any of 1, 2, 5, 4, k (comma-separated)", flag_values=fv)
     flags.DEFINE_string(
@@ -595,7 +598,10 @@ def _main(args) -> int:
     os.makedirs(os.path.join(args.workdir, "samples"), exist_ok=True)
     # Results accumulate over invocations with the same settings (e.g. --tables=k after the default tables, reusing
     # the full method's finished runs); other settings start afresh.
+    teacher_seeds = args.teacher_seeds or args.seeds
     settings = {"config": os.path.abspath(args.config), "set": list(args.set), "steps": args.steps, "seeds": args.seeds}
+    if teacher_seeds != args.seeds:
+        settings["teacher_seeds"] = teacher_seeds
     path = os.path.join(args.workdir, "ablation.json")
     before: dict = {}
     if os.path.isfile(path):
@@ -607,10 +613,10 @@ def _main(args) -> int:
             )
             before = {}
     gated = bool(config.get("compose", {}).get("gate", False))
-    if gated and rows:  # the gate needs both teacher tables, before any student trains
-        tables |= {"1", "2"}
+    if gated and rows:  # the gate needs both teacher tables before any student trains (accumulated ones count)
+        tables |= {t for t, key in (("1", "table1"), ("2", "table2")) if not before.get(key)}
     t0 = time.perf_counter()
-    t1, t2 = teacher_tables(config, args.workdir, args.seeds, tables)
+    t1, t2 = teacher_tables(config, args.workdir, teacher_seeds, tables)
     t_teacher = time.perf_counter() - t0
     t1, t2 = t1 or before.get("table1", {}), t2 or before.get("table2", {})
     gate_result = gate(t1, t2) if gated else None
@@ -619,7 +625,8 @@ def _main(args) -> int:
     trained, references = dict(before.get("rows", {})), dict(before.get("references", {}))
 
     def write(invocation: dict) -> str:
-        md = markdown(trained, t1, t2, args.seeds, machine, name, TABLE1_STEPS, references, gate_result)
+        seeds = args.seeds if teacher_seeds == args.seeds else f"{args.seeds} (Tables 1, 2: {teacher_seeds})"
+        md = markdown(trained, t1, t2, seeds, machine, name, TABLE1_STEPS, references, gate_result)
         with open(os.path.join(args.workdir, "ablation.md"), "w") as f:
             f.write(md)
         with open(os.path.join(args.workdir, f"{name}_ablation.json"), "w") as f:
