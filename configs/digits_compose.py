@@ -63,6 +63,9 @@ def get_config():
             # The fraction of training captions corrupted (compose.data.corrupt_captions: a wrong colour, a caption
             # naming fewer objects, a swapped digit), as LAION's captions are noisy; 0 = every caption right.
             caption_noise=0.0,
+            # The same for the teacher's data: 0 = a teacher trained on curated captions (as SD3's aesthetic and
+            # instruction tuning is curated) while the distillation pool stays noisy.
+            teacher_caption_noise=0.0,
             # The ablation refuses to train rows until the teacher-only gate passes (digits.ablate.gate: Table 1
             # shows the interpolated-start drop, few steps and CFG matter); for worlds built to show the mechanism.
             gate=False,

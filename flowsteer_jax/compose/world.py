@@ -74,13 +74,16 @@ def ensure_models(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
     if not teacher.is_complete(folder):
         t = time.perf_counter()
         embeds, pooled = text.prompt_table(int(c.text_seed), language())
+        # The teacher's captions: the pool's as the teacher sees them (`teacher_caption_noise`)
+        noise = float(c.teacher_caption_noise)
+        ids = pool.prompt_ids if noise == float(c.caption_noise) else training_pool(config, noise).prompt_ids
         source = teacher.DataSource(
             vae.LATENT_SHAPE,
-            (jnp.asarray(latents), jnp.asarray(pool.prompt_ids)),
+            (jnp.asarray(latents), jnp.asarray(ids)),
             _pool_sampler,
             embeds,
             pooled,
-            name="digits_compose" + (f"-captions{float(c.caption_noise):g}" if c.caption_noise else ""),
+            name="digits_compose" + (f"-captions{noise:g}" if noise else ""),
         )
         teacher.pretrain_teacher(
             folder,
@@ -99,15 +102,17 @@ def ensure_models(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
     return autoencoder, pool, latents
 
 
-def training_pool(config: ml_collections.ConfigDict) -> data.Scenes:
-    """The training scenes: the teacher's data, the distillation prompts and PeRFlow's x0. With
-    `compose.caption_noise` a fraction of their captions is corrupted (`data.corrupt_captions`: LAION-like
-    captions); `prompt_ids` are then the captions as trained on, `cells`/`colours` what the images show."""
+def training_pool(config: ml_collections.ConfigDict, caption_noise: float | None = None) -> data.Scenes:
+    """The training scenes: the distillation prompts and PeRFlow's x0 (and the teacher's data). With
+    `caption_noise` (default `compose.caption_noise`) a fraction of their captions is corrupted
+    (`data.corrupt_captions`: LAION-like captions); `prompt_ids` are then the captions as trained on,
+    `cells`/`colours` what the images show. The same scenes at every rate."""
     c = config.compose
+    noise = float(c.caption_noise if caption_noise is None else caption_noise)
     pool = data.sample_scenes(np.random.default_rng(int(c.pool_seed)), int(c.pool_size), "train", tasks=c.tasks)
-    if c.caption_noise:
+    if noise:
         rng = np.random.default_rng([int(c.pool_seed), 1])
-        pool = pool._replace(prompt_ids=data.corrupt_captions(rng, pool.prompt_ids, float(c.caption_noise))[0])
+        pool = pool._replace(prompt_ids=data.corrupt_captions(rng, pool.prompt_ids, noise)[0])
     return pool
 
 
