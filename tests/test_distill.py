@@ -374,8 +374,9 @@ def test_rollout_students_with_interpolated_starts_and_remat():
 
 
 def test_window_weighting_by_length():
-    """The "length" weighting weighs each window's squared error by its length (the paper's integral over the window), scaled to
-    average 1; "uniform" gives every window the same weight; the train step uses the configured one."""
+    """The "length" weighting weighs each window's squared error by its length (the paper's integral over the
+    window), scaled to average 1; "uniform" gives every window the same weight; the train step uses the configured
+    one."""
     b = jnp.asarray(ota.window_boundaries(4, "rectified", 3.0))  # [1, 0.9, 0.75, 0.5, 0]: lengths .1 .15 .25 .5
     s_hi, s_lo = b[:-1], b[1:]
     w = losses.window_weights(s_hi, s_lo, "length")
