@@ -55,7 +55,13 @@ STRUCTURAL_KEYS = (
 )
 # Settings added after checkpoints were first written: absent from an older checkpoint means this value (the
 # behaviour before the key existed), so such a checkpoint still resumes unless the run asks for another value.
-ADDED_KEYS: dict[str, Any] = {"disc.heads": "final", "disc.trunk": "full", "loss.gan": "hinge"}
+ADDED_KEYS: dict[str, Any] = {
+    "disc.heads": "final",
+    "disc.trunk": "full",
+    "loss.gan": "hinge",
+    "ema.decay": 0.0,
+    "ema.start_step": 0,
+}
 
 
 # The settings that define a run (dotted config keys; a section means all its keys): a resume must agree on each,
@@ -78,6 +84,7 @@ RUN_KEYS = (
     "loss",
     "adv",
     "optim",
+    "ema",  # turning it on or off also changes the state's shapes, which no allow_changes permits
     "digits",  # the digits world's own section (its teacher, data pool, text seeds)
 )
 SET_ASIDE = "checkpoints_set_aside"  # WORKDIR/<this>/<step>: newer steps moved away by a resume from an older one

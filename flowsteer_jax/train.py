@@ -54,6 +54,7 @@ from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.config import validate, validate_batch
 from flowsteer_jax.distill.ota import window_boundaries
+from flowsteer_jax.distill.state import student_lora
 from flowsteer_jax.evaluation.metrics import eval_scorer
 from flowsteer_jax.flow.sampling import model_velocity
 from flowsteer_jax.flow.sampling import sample as flow_sample
@@ -242,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def evaluate(step: int) -> None:
         if eval_inputs is None:
             return
-        latents = _host(sampler(train_state["params"]["lora"], frozen["base"], *eval_inputs))
+        latents = _host(sampler(student_lora(train_state), frozen["base"], *eval_inputs))
         if is_main:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             images = world.decode(latents)
@@ -339,7 +340,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if world.finish is not None:
             seconds = timed["end"] - timed["start"] if timed["first"] is not None else 0.0
             stats = {"steps": step, "seconds": seconds, "windows_per_s": timed["windows"] / max(seconds, 1e-9)}
-            student = nnx.merge(graphs.student, train_state["params"]["lora"], frozen["base"])
+            student = nnx.merge(graphs.student, student_lora(train_state), frozen["base"])
             world.finish(config, workdir, set_lora_enabled(student, True), stats)
     if writer is not None:
         writer.close()

@@ -55,6 +55,10 @@ Shape (all keys always present; `configs/` files override values, never add keys
   of `lora.rank`/`lora.targets` on the trunk, plus the heads). The paper's Table 4 compares these.
 - `optim.lora.*`, `optim.disc.*`: AdamW `lr`, `b1`, `b2`, `eps`, `weight_decay`, `clip_norm` (global norm,
   inside the branch; 0 disables), `schedule` ("constant" | "cosine"), `warmup_steps`, `total_steps`.
+- `ema.decay`: an exponential moving average of the student's LoRA, kept in the train state (`train_state["ema"]`)
+  and checkpointed; 0 = off (no EMA in the state). When on, the eval grid, the world's report, the export and
+  `SD3Pipeline.load_lora(workdir)` use the EMA weights. `ema.start_step`: through this many optimizer steps the
+  EMA copies the weights, averaging after (`distill.step.ema_update`).
 - `mesh.shape`: (data, fsdp, tensor), one -1 fills; `mesh.rules`: logical axis -> mesh axes.
 
 `validate(config)` checks every value above (ranges, names, `cfg_min <= cfg_max`, ...) without touching a device
@@ -135,6 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lora = _adamw(1e-4, 1e-2, 1.0)
     c.optim.disc = _adamw(1e-4, 1e-2, 1.0)
+    c.ema = ml_collections.ConfigDict(dict(decay=0.0, start_step=0))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(DEFAULT_RULES)))
     return c
 
@@ -263,6 +268,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
         one_of(f"{p}.schedule", OPTIM_SCHEDULES)
         number(f"{p}.warmup_steps", 0, integer=True)
         number(f"{p}.total_steps", 1, integer=True)
+    number("ema.decay", 0)
+    if _number(config.ema.decay) and config.ema.decay >= 1:
+        out.append(f"ema.decay={config.ema.decay!r} must be < 1 (0 = no EMA)")
+    number("ema.start_step", 0, integer=True)
 
     mesh = tuple(config.mesh.shape)
     if len(mesh) != 3 or not all(isinstance(v, int) and (v >= 1 or v == -1) for v in mesh) or mesh.count(-1) > 1:
