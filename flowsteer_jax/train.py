@@ -202,10 +202,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.data.cache_embeddings:
         cache = EmbeddingCache.build(
             os.path.join(workdir, "embeddings"),
-            list(world.prompts),
+            world.prompts,
             world.encode,
             fingerprint=world.fingerprint,
             is_writer=is_main,
+            max_gib=float(config.data.cache_max_gib),
         )
     negative = world.encode([config.data.negative_prompt])
     local_b = batch_size // procs

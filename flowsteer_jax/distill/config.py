@@ -23,9 +23,11 @@ Shape (all keys always present; `configs/` files override values, never add keys
   other base weights with the same config.json; () = every change is refused (`train.num_steps` always may).
   `checkpoint.resume_step`: the step to resume (-1 = the newest); an older one moves the newer steps to
   `WORKDIR/checkpoints_set_aside/` (never deleted): for a newest step that cannot be read, or a rollback.
-- `data.prompts`: a .txt / .jsonl / .parquet prompt file (`flowsteer_jax/data.py`); `data.shuffle`;
-  `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5 tokens);
-  `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there).
+- `data.prompts`: a .txt / .jsonl / .parquet prompt file, a glob or folder of them, or a `datasets` save_to_disk
+  folder, streamed (`flowsteer_jax/data.py`); `data.text_column` (the jsonl field / parquet or arrow column);
+  `data.shuffle`; `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5
+  tokens); `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there),
+  refused when it would take more than `data.cache_max_gib` GiB.
 - `eval.every_steps` (0: only at the end), `eval.prompts` (fixed prompts of the sample grid), `eval.seed`;
   `eval.metrics`: scores of those samples logged to TensorBoard (`eval/<metric>`) with the grid: "auto" (every
   metric `eval.weights` allows, plus the world's own, e.g. the digits world's prompt accuracy), "" (none), or a
@@ -113,7 +115,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(num_steps=10_000, batch_size=8, max_bad_steps=20, log_every=10))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, allow_changes=(), resume_step=-1))
     c.data = ml_collections.ConfigDict(
-        dict(prompts="", shuffle=True, negative_prompt="", max_sequence_length=256, cache_embeddings=False)
+        dict(
+            prompts="",
+            text_column="prompt",
+            shuffle=True,
+            negative_prompt="",
+            max_sequence_length=256,
+            cache_embeddings=False,
+            cache_max_gib=256.0,
+        )
     )
     c.eval = ml_collections.ConfigDict(
         dict(every_steps=500, prompts=EVAL_PROMPTS, seed=1234, metrics="auto", weights="", ref="")
@@ -208,6 +218,9 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     if isinstance(allow, str) or not all(isinstance(k, str) and k for k in allow):
         out.append(f"checkpoint.allow_changes={allow!r} must be a tuple of dotted keys, e.g. ('optim.lora.lr',)")
     number("data.max_sequence_length", 1, integer=True)
+    if not isinstance(config.data.text_column, str) or not config.data.text_column:
+        out.append(f"data.text_column={config.data.text_column!r} must name the prompts' column (e.g. 'prompt')")
+    number("data.cache_max_gib", 0, above=True)
     number("eval.every_steps", 0, integer=True)
     number("eval.seed", 0, integer=True)
     if isinstance(config.eval.prompts, str) or not all(isinstance(p, str) for p in config.eval.prompts):
