@@ -215,8 +215,8 @@ def read_lora(workdir: str, step: int | None = None, *, ema: bool = True) -> tup
     """`(flat LoRA params by dotted Flax path, meta dict)` of a training workdir's checkpoint.
 
     Latest committed step unless `step`. Restores only the adapters (not the optimizer state or the
-    discriminator) onto the host as numpy arrays: their EMA (`EMA_TREE`) when the run kept one (`uses_ema`) and
-    `ema`, else `state.params.lora`. Raises `CheckpointError` naming the folder when there are no
+    discriminator) onto the host as numpy arrays: their EMA (`EMA_TREE`) when the run kept one and `ema`, else
+    `state.params.lora`. Raises `CheckpointError` naming the folder when there are no
     checkpoints, the step is absent (listing those available), an item is missing, or the step cannot be read
     (truncated or garbage files: orbax's, tensorstore's, json's and OS errors, listing the other steps).
     """
@@ -224,24 +224,25 @@ def read_lora(workdir: str, step: int | None = None, *, ema: bool = True) -> tup
     step_dir = os.path.join(directory, str(step))
     drop_closed_loop_noise()
     try:
-        meta = _check_meta(read_meta(workdir, step), os.path.join(step_dir, META))
-        where = EMA_TREE if ema and uses_ema(meta) else LORA_TREE
-        restored = _restore_lora(directory, step, step_dir, where)
+        restored, where = _restore_lora(directory, step, step_dir, ema)
     except CheckpointError:
         raise
     except READ_ERRORS as e:
         raise unreadable(directory, step, e) from e
-    return flat_lora_from_tree(_subtree(restored, where), f"{step_dir}/{STATE}"), meta
+    meta = _check_meta(restored[META], os.path.join(step_dir, META))
+    return flat_lora_from_tree(_subtree(restored[STATE], where), f"{step_dir}/{STATE}"), meta
 
 
-def _restore_lora(directory: str, step: int, step_dir: str, where: tuple[str, ...]) -> dict:
-    """The `where` subtree of one step's `state` (`{params: {lora: ...}}`), restored onto the host."""
+def _restore_lora(directory: str, step: int, step_dir: str, ema: bool) -> tuple[dict, tuple[str, ...]]:
+    """`({STATE: <the adapters' subtree>, META: ...}, where)` of one step, restored onto the host; `where` is
+    `EMA_TREE` when `ema` and the state holds one, else `LORA_TREE`."""
     import orbax.checkpoint as ocp
 
     mgr = _manager(directory)
     try:
         tree = mgr.item_metadata(step)[STATE]
         tree = tree.tree if hasattr(tree, "tree") else tree
+        where = EMA_TREE if ema and EMA_TREE[0] in tree else LORA_TREE
         try:
             lora_md = _subtree(tree, where)
         except (KeyError, TypeError) as e:
@@ -250,12 +251,15 @@ def _restore_lora(directory: str, step: int, step_dir: str, where: tuple[str, ..
         item = _nest(where, _unflatten({p: np.zeros(m.shape, m.dtype) for p, m in leaves.items()}))
         restore_args = _nest(where, _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in leaves}))
         args = ocp.args.Composite(
-            **{STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}
+            **{
+                STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+                META: ocp.args.JsonRestore(),
+            }
         )
-        restored = mgr.restore(step, args=args)[STATE]
+        restored = mgr.restore(step, args=args)
     finally:
         mgr.close()
-    return restored
+    return restored, where
 
 
 def _subtree(tree: Any, path: tuple[str, ...]) -> Any:

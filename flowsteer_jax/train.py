@@ -12,10 +12,10 @@ a preempted job simply reruns the same command.
 Per step: each process reads its slice of the global prompt batch (`data.py`), encodes it on its own devices
 (or reads cached embeddings), the slices become one global batch on the mesh, and the one jitted FlowSteer
 step (`distill/step.py`) runs. Process 0 alone writes logs: a tqdm bar, TensorBoard scalars in
-`WORKDIR/tb`, and every `eval.every_steps` a PNG grid of the student's few-step samples from fixed prompts
-and noise in `WORKDIR/samples/`. Orbax writes the checkpoint from every process. A step with a non-finite
-loss or gradient changes nothing (the step keeps the old state); `train.max_bad_steps` of them in a row abort
-the run with the last good checkpoint kept.
+`WORKDIR/tb` (with `log.wandb` also to Weights & Biases: `tracking.py`), and every `eval.every_steps` a PNG
+grid of the student's few-step samples from fixed prompts and noise in `WORKDIR/samples/`. Orbax writes the
+checkpoint from every process. A step with a non-finite loss or gradient changes nothing (the step keeps the old
+state); `train.max_bad_steps` of them in a row abort the run with the last good checkpoint kept.
 
 Every config value is checked first (`distill.config.validate`), before any device, file or model is touched.
 A bad value, path or prompt file is one line `flowsteer_jax.train: error: ...` on stderr and exit code 2 (a bad
@@ -48,7 +48,7 @@ from ml_collections import config_flags
 
 from conversion.errors import InputError
 from conversion.safetensors_io import weights_fingerprint
-from flowsteer_jax import cli, parallel
+from flowsteer_jax import cli, parallel, tracking
 from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
 from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
@@ -145,6 +145,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from flowsteer_jax.models.loading import load_transformer
 
     validate(config)  # every value, before any device, file or model is touched
+    tracking.check(config)
     parallel.initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     mesh = parallel.mesh_from_config(config)
@@ -264,11 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if scores:
                 log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
+    writer = tracking.make_writers(config, workdir, config_json) if is_main else None
 
     def save(step: int) -> None:
         ckpt.save(step, train_state, {**meta_base, "data": loader.state()})

@@ -61,6 +61,8 @@ Shape (all keys always present; `configs/` files override values, never add keys
   and checkpointed; 0 = off (no EMA in the state). When on, the eval grid, the world's report, the export and
   `SD3Pipeline.load_lora(workdir)` use the EMA weights. `ema.start_step`: through this many optimizer steps the
   EMA copies the weights, averaging after (`distill.step.ema_update`).
+- `log.wandb`: also log to Weights & Biases (the optional `wandb` package; `flowsteer_jax/tracking.py`), into
+  the project `log.wandb_project`; `WANDB_MODE=offline` logs without a network. TensorBoard always logs.
 - `mesh.shape`: (data, fsdp, tensor), one -1 fills; `mesh.rules`: logical axis -> mesh axes.
 
 `validate(config)` checks every value above (ranges, names, `cfg_min <= cfg_max`, ...) without touching a device
@@ -150,6 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.lora = _adamw(1e-4, 1e-2, 1.0)
     c.optim.disc = _adamw(1e-4, 1e-2, 1.0)
     c.ema = ml_collections.ConfigDict(dict(decay=0.0, start_step=0))
+    c.log = ml_collections.ConfigDict(dict(wandb=False, wandb_project="flowsteer"))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(DEFAULT_RULES)))
     return c
 
@@ -285,6 +288,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     if _number(config.ema.decay) and config.ema.decay >= 1:
         out.append(f"ema.decay={config.ema.decay!r} must be < 1 (0 = no EMA)")
     number("ema.start_step", 0, integer=True)
+    if not isinstance(config.log.wandb, bool):
+        out.append(f"log.wandb={config.log.wandb!r} must be True or False")
+    if not isinstance(config.log.wandb_project, str) or not config.log.wandb_project:
+        out.append(f"log.wandb_project={config.log.wandb_project!r} must name a W&B project")
 
     mesh = tuple(config.mesh.shape)
     if len(mesh) != 3 or not all(isinstance(v, int) and (v >= 1 or v == -1) for v in mesh) or mesh.count(-1) > 1:
