@@ -5,14 +5,15 @@ names below, and so does every reader. An orbax `CheckpointManager` in `WORKDIR/
 keeps one folder per step with two items (`ITEMS`):
 
 - `state` (`STATE`, `StandardSave`): the whole train state `{"step", "nonfinite", "params": {"lora", "disc"},
-  "opt_state"}`, saved from and restored into its shardings; the adapters are the `params.lora` subtree
-  (`LORA_TREE`);
+  "opt_state"}`, plus `"ema"` when the run keeps an EMA of the adapters (`ema.decay > 0`), saved from and restored
+  into its shardings; the adapters are the `params.lora` subtree (`LORA_TREE`), their EMA `EMA_TREE`;
 - `meta` (`META`, `JsonSave`): `step`, `config` (the run's config as a dict), `transformer_config` (the base's
   `config.json`) -- the keys readers rely on, `META_REQUIRED` -- plus `model_path`, `latent_shape`, `shapes`
   (every state leaf's shape, by path), `data` (the prompt loader's position) and `time`.
 
-`read_lora` restores `meta` and only the `params.lora` subtree of `state` (no optimizer state, no
-discriminator), as host numpy arrays keyed by dotted Flax path (`"transformer_blocks.0.attn.to_q.lora_a"`).
+`read_lora` restores `meta` and only the adapters of `state` (their EMA when the run kept one, else
+`params.lora`; no optimizer state, no discriminator), as host numpy arrays keyed by dotted Flax path
+(`"transformer_blocks.0.attn.to_q.lora_a"`).
 
 numpy + orbax only: never imports flowsteer_jax (or torch).
 """
@@ -34,6 +35,7 @@ STATE, META = "state", "meta"  # the items of each step folder
 ITEMS = (STATE, META)
 META_REQUIRED = ("step", "config", "transformer_config")
 LORA_TREE = ("params", "lora")  # where the adapters sit in the `state` item
+EMA_TREE = ("ema",)  # their moving average, present when the run's ema.decay > 0
 
 
 class CheckpointError(ConversionError, RuntimeError):
@@ -203,11 +205,18 @@ def _check_meta(meta: Any, source: str) -> dict:
     return meta
 
 
-def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def uses_ema(meta: dict) -> bool:
+    """Whether the run of a checkpoint's `meta` kept an EMA of its adapters (and so saved `EMA_TREE`)."""
+    ema = meta["config"].get("ema")
+    return isinstance(ema, dict) and bool(ema.get("decay"))
+
+
+def read_lora(workdir: str, step: int | None = None, *, ema: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """`(flat LoRA params by dotted Flax path, meta dict)` of a training workdir's checkpoint.
 
-    Latest committed step unless `step`. Restores only `state.params.lora` (not the optimizer state or the
-    discriminator) onto the host as numpy arrays. Raises `CheckpointError` naming the folder when there are no
+    Latest committed step unless `step`. Restores only the adapters (not the optimizer state or the
+    discriminator) onto the host as numpy arrays: their EMA (`EMA_TREE`) when the run kept one and `ema`, else
+    `state.params.lora`. Raises `CheckpointError` naming the folder when there are no
     checkpoints, the step is absent (listing those available), an item is missing, or the step cannot be read
     (truncated or garbage files: orbax's, tensorstore's, json's and OS errors, listing the other steps).
     """
@@ -215,31 +224,32 @@ def read_lora(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarr
     step_dir = os.path.join(directory, str(step))
     drop_closed_loop_noise()
     try:
-        restored = _restore_lora(directory, step, step_dir)
+        restored, where = _restore_lora(directory, step, step_dir, ema)
     except CheckpointError:
         raise
     except READ_ERRORS as e:
         raise unreadable(directory, step, e) from e
     meta = _check_meta(restored[META], os.path.join(step_dir, META))
-    return flat_lora_from_tree(_subtree(restored[STATE], LORA_TREE), f"{step_dir}/{STATE}"), meta
+    return flat_lora_from_tree(_subtree(restored[STATE], where), f"{step_dir}/{STATE}"), meta
 
 
-def _restore_lora(directory: str, step: int, step_dir: str) -> dict:
-    """`{STATE: {params: {lora: ...}}, META: ...}` of one step, restored onto the host."""
+def _restore_lora(directory: str, step: int, step_dir: str, ema: bool) -> tuple[dict, tuple[str, ...]]:
+    """`({STATE: <the adapters' subtree>, META: ...}, where)` of one step, restored onto the host; `where` is
+    `EMA_TREE` when `ema` and the state holds one, else `LORA_TREE`."""
     import orbax.checkpoint as ocp
 
     mgr = _manager(directory)
     try:
         tree = mgr.item_metadata(step)[STATE]
         tree = tree.tree if hasattr(tree, "tree") else tree
+        where = EMA_TREE if ema and EMA_TREE[0] in tree else LORA_TREE
         try:
-            lora_md = _subtree(tree, LORA_TREE)
+            lora_md = _subtree(tree, where)
         except (KeyError, TypeError) as e:
-            where = ".".join(LORA_TREE)
-            raise CheckpointError(f"{step_dir}/{STATE}: no {where} in the saved state ({e!r})") from e
+            raise CheckpointError(f"{step_dir}/{STATE}: no {'.'.join(where)} in the saved state ({e!r})") from e
         leaves = _flatten(_as_dict(lora_md))
-        item = _nest(LORA_TREE, _unflatten({p: np.zeros(m.shape, m.dtype) for p, m in leaves.items()}))
-        restore_args = _nest(LORA_TREE, _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in leaves}))
+        item = _nest(where, _unflatten({p: np.zeros(m.shape, m.dtype) for p, m in leaves.items()}))
+        restore_args = _nest(where, _unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in leaves}))
         args = ocp.args.Composite(
             **{
                 STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
@@ -249,7 +259,7 @@ def _restore_lora(directory: str, step: int, step_dir: str) -> dict:
         restored = mgr.restore(step, args=args)
     finally:
         mgr.close()
-    return restored
+    return restored, where
 
 
 def _subtree(tree: Any, path: tuple[str, ...]) -> Any:

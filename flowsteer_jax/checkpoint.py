@@ -60,6 +60,9 @@ ADDED_KEYS: dict[str, Any] = {
     "disc.trunk": "full",
     "loss.gan": "hinge",
     "loss.window_weighting": "uniform",
+    "ema.decay": 0.0,
+    "ema.start_step": 0,
+    "data.text_column": "prompt",
 }
 
 
@@ -67,13 +70,14 @@ ADDED_KEYS: dict[str, Any] = {
 # unless `checkpoint.allow_changes` names it. Not here, so free to change on resume: `train.num_steps` (extending a
 # run is normal) and the rest of `train`, `checkpoint.*`, `eval.*`, `mesh.*`, `distributed.*`, `model.path` (the
 # base is checked by its weights: `base_fingerprint`), `model.attention`/`remat_policy`/`preset` and
-# `data.cache_embeddings` (how, not what, is computed).
+# `data.cache_embeddings`/`cache_max_gib` (how, not what, is computed).
 RUN_KEYS = (
     "seed",
     "world",
     "model.dtype",
     "train.batch_size",
     "data.prompts",
+    "data.text_column",
     "data.shuffle",
     "data.negative_prompt",
     "data.max_sequence_length",
@@ -83,6 +87,7 @@ RUN_KEYS = (
     "loss",
     "adv",
     "optim",
+    "ema",  # turning it on or off also changes the state's shapes, which no allow_changes permits
     "digits",  # the digits world's own section (its teacher, data pool, text seeds)
 )
 SET_ASIDE = "checkpoints_set_aside"  # WORKDIR/<this>/<step>: newer steps moved away by a resume from an older one

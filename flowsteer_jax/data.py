@@ -1,15 +1,23 @@
 """Prompt sources, the deterministic host-sharded prompt order, and an optional on-disk embedding cache.
 
-Prompt files (`load_prompts`), chosen by extension (case-insensitive):
+Prompts (`open_prompts(spec, text_column)`, a lazy `PromptSet`): `spec` is a prompt file, a glob of them
+(`shards/*.parquet`, `**` recursive), a folder of them (its prompt files, sorted by name), or a folder written by
+`datasets.Dataset.save_to_disk` (`dataset_info.json` + `state.json` + arrow files, read with pyarrow). Files are
+concatenated in sorted order. Formats, by extension (case-insensitive):
 
 - `.txt`: one prompt per line, UTF-8; trailing whitespace (and the newline) is stripped, blank lines and comment
   lines (first non-blank character `#`) skipped.
-- `.jsonl`: one JSON object per non-blank line with a string field `"prompt"` (other fields are ignored).
-- `.parquet`: a `prompt` column of strings (read with pyarrow); no nulls.
+- `.jsonl`: one JSON object per non-blank line with a string field `text_column` (other fields are ignored).
+- `.parquet`: a `text_column` column of strings (read with pyarrow); no nulls. So is a `datasets` folder's.
+
+`text_column` defaults to `"prompt"` (`data.text_column`; name the column your shards use). Nothing is loaded
+whole: opening checks every file (a `.txt`/`.jsonl` in one streamed pass that keeps only each prompt's
+byte offset; a parquet file from its footer: row counts, the column's type and null counts; an arrow file
+memory-mapped), and `PromptSet.take(indices)` reads just those rows (a parquet file by row group, its smallest
+readable unit). `load_prompts` is the list of a few (`sample --prompts`).
 
 Every problem raises `DataError` (an `InputError`: programs print it as one line, exit code 2) naming the file and,
-where it applies, the line (1-based) or row (0-based); a file with no prompts is one too. Every program reads
-prompt files with `load_prompts` (the trainer's `data.prompts`, `sample --prompts`).
+where it applies, the line (1-based) or row (0-based); a file with no prompts is one too.
 
 Order (`PromptLoader`): the global stream of item indices is the concatenation of epochs, epoch `e` being
 `np.random.default_rng([seed, e]).permutation(num_items)` (`arange` without shuffling). Global batch `i` is
@@ -20,14 +28,18 @@ hosts. Host sharding: each global batch is cut into `process_count` equal contig
 gets part `p`; concatenating all processes' parts in process order gives the global batch.
 
 Embedding cache (`EmbeddingCache`): for large runs the text encoders run once over all prompts and their
-outputs are stored as one `.npy` per key (`prompt_embeds`, `pooled`, ...) with a `meta.json`. A build writes a
-temporary sibling folder, `meta.json` last, then renames it into place, so a folder is complete exactly when it
-has a `meta.json`, and a crashed build is never picked up. Reads are memory-mapped: only the requested rows are
+outputs are stored as one `.npy` per key (`prompt_embeds`, `pooled`, ...) with a `meta.json`. Before a build its
+size is logged, and refused past `data.cache_max_gib` (SD3's embeddings take about 2.6 MiB per prompt in bf16 at
+256 T5 tokens: millions of prompts take terabytes). A build writes a temporary sibling folder, `meta.json` last,
+then renames it into place, so a folder is complete exactly when it has a `meta.json`, and a crashed build is
+never picked up. Reads are memory-mapped: only the requested rows are
 read from disk.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
 import os
@@ -63,83 +75,280 @@ def _decode(raw: bytes, path: str, lineno: int) -> str:
         raise DataError(f"{path}: line {lineno} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.end]!r})") from e
 
 
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text without trailing whitespace) for each non-blank line."""
+def _jsonl_text(text: str, path: str, lineno: int, column: str) -> str:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the file: {e}") from e
-    # A BOM (Windows editors) would otherwise become part of the first prompt.
-    data = data.removeprefix(b"\xef\xbb\xbf")
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        text = _decode(raw, path, lineno).rstrip()
-        if text:
-            yield lineno, text
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from e
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object")
+    if column not in record:
+        raise DataError(f'{path}: line {lineno} has no "{column}" field (fields: {sorted(record)})')
+    prompt = record[column]
+    if not isinstance(prompt, str):
+        raise DataError(f'{path}: line {lineno}: "{column}" is a JSON {type(prompt).__name__}, not a string')
+    return prompt
 
 
-def _load_jsonl(path: str) -> list[str]:
-    prompts = []
-    for lineno, text in _lines(path):
+class _LineShard:
+    """A `.txt` or `.jsonl` file, indexed in one streamed pass (every line checked): only the byte offset of each
+    prompt's line stays in memory, and a prompt is read from disk when asked for."""
+
+    def __init__(self, path: str, column: str):
+        self.path, self.column, self.jsonl = path, column, path.lower().endswith(".jsonl")
+        offsets, lineno, offset = [], 0, 0
         try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object")
-        if "prompt" not in record:
-            raise DataError(f'{path}: line {lineno} has no "prompt" field (fields: {sorted(record)})')
-        prompt = record["prompt"]
-        if not isinstance(prompt, str):
-            raise DataError(f'{path}: line {lineno}: "prompt" is a JSON {type(prompt).__name__}, not a string')
-        prompts.append(prompt)
-    return prompts
+            with open(path, "rb") as f:
+                for raw in f:
+                    lineno += 1
+                    start = offset
+                    offset += len(raw)
+                    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM (Windows editors)
+                        raw, start = raw[3:], start + 3
+                    text = self._text(raw, lineno)
+                    if text is not None:
+                        offsets.append(start)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the file: {e}") from e
+        self.offsets = np.asarray(offsets, np.int64)
+
+    def _text(self, raw: bytes, lineno: int) -> str | None:
+        """The prompt of a line, None for a blank (or `.txt` comment) line; a bad line raises naming it."""
+        text = _decode(raw.rstrip(b"\r\n"), self.path, lineno).rstrip()
+        if not text or (not self.jsonl and text.lstrip().startswith("#")):
+            return None
+        return _jsonl_text(text, self.path, lineno, self.column) if self.jsonl else text
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        out = []
+        with open(self.path, "rb") as f:
+            for row in rows:
+                f.seek(int(self.offsets[row]))
+                out.append(self._text(f.readline(), -1))
+        return out
+
+    def fingerprint(self, h) -> None:
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
 
 
-def _load_parquet(path: str) -> list[str]:
+def _is_text(arrow_type) -> bool:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    try:
-        schema = pq.read_schema(path)
-        if "prompt" not in schema.names:
-            raise DataError(f"{path}: no 'prompt' column (columns: {schema.names})")
-        column = pq.read_table(path, columns=["prompt"]).column("prompt")
-    except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not a readable parquet file: {e}") from e
-    # to_pylist decodes dictionary-encoded (categorical) strings too; checking values rather than the arrow
-    # type gives one path for nulls and wrong types, both reported with their row.
-    prompts = column.to_pylist()
-    for row, value in enumerate(prompts):
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+
+
+def _first_bad(path: str, column: str, values: list, offset: int, arrow_type) -> DataError:
+    for row, value in enumerate(values, start=offset):
         if value is None:
-            raise DataError(f"{path}: row {row} (0-based) of column 'prompt' is null")
+            return DataError(f"{path}: row {row} (0-based) of column '{column}' is null")
         if not isinstance(value, str):
-            raise DataError(
-                f"{path}: row {row} (0-based) of column 'prompt' is {type(value).__name__} ({value!r}), "
-                f"not a string (column type {column.type})"
+            return DataError(
+                f"{path}: row {row} (0-based) of column '{column}' is {type(value).__name__} ({value!r}), "
+                f"not a string (column type {arrow_type})"
             )
-    return prompts
+    return DataError(f"{path}: column '{column}' holds nulls or non-strings (column type {arrow_type})")
 
 
-def load_prompts(path: str) -> list[str]:
-    """The prompts of a `.txt`, `.jsonl` or `.parquet` file, in file order (see the module docstring)."""
-    path = os.fspath(path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in PROMPT_EXTENSIONS:
-        raise DataError(f"{path}: unknown prompt file extension {ext!r} (expected one of {PROMPT_EXTENSIONS})")
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not a regular file")
-    if ext == ".txt":
-        prompts = [text for _, text in _lines(path) if not text.lstrip().startswith("#")]
-    elif ext == ".jsonl":
-        prompts = _load_jsonl(path)
+class _ParquetShard:
+    """A parquet file: counts, types and nulls come from its footer; a prompt is read with its row group (the
+    smallest unit parquet reads), and the last few row groups read are kept."""
+
+    KEEP = 4  # row groups held per file
+
+    def __init__(self, path: str, column: str):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path, self.column = path, column
+        try:
+            self.file = pq.ParquetFile(path)
+            schema = self.file.schema_arrow
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable parquet file: {e}") from e
+        if column not in schema.names:
+            raise DataError(f"{path}: no '{column}' column (columns: {schema.names})")
+        md = self.file.metadata
+        index = schema.get_field_index(column)
+        sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        self.starts = np.cumsum([0, *sizes]).astype(np.int64)
+        self._groups: dict[int, list] = {}
+        for g in range(md.num_row_groups):
+            stats = md.row_group(g).column(index).statistics
+            nulls = stats.null_count if stats is not None and stats.has_null_count else None
+            if not _is_text(schema.field(column).type) or nulls is None or nulls > 0:
+                # Not provably all strings from the footer: read this group's values to name the bad row.
+                values = self._group(g)
+                if any(not isinstance(v, str) for v in values):
+                    raise _first_bad(path, column, values, int(self.starts[g]), schema.field(column).type)
+
+    def _group(self, g: int) -> list:
+        if g not in self._groups:
+            if len(self._groups) >= self.KEEP:
+                self._groups.pop(next(iter(self._groups)))
+            self._groups[g] = self.file.read_row_group(g, columns=[self.column]).column(0).to_pylist()
+        return self._groups[g]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        groups = np.searchsorted(self.starts, rows, side="right") - 1
+        return [self._group(int(g))[int(r - self.starts[g])] for r, g in zip(rows, groups, strict=True)]
+
+    def fingerprint(self, h) -> None:
+        # The footer (schema, row counts, offsets and min/max statistics of every column chunk) and the size: the
+        # files may carry images too (FLUX-Reason-6M), far too much to hash whole at every start.
+        size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            f.seek(size - 8)
+            footer = int.from_bytes(f.read(4), "little")
+            f.seek(max(size - 8 - footer, 0))
+            h.update(f.read())
+        h.update(str(size).encode())
+
+
+class _ArrowShard:
+    """An arrow file of a `datasets` `save_to_disk` folder, memory-mapped: rows stay on disk until asked for."""
+
+    def __init__(self, path: str, column: str, fingerprint: str):
+        import pyarrow as pa
+
+        self.path, self.column, self._fingerprint = path, column, fingerprint
+        try:
+            source = pa.memory_map(path)
+            try:
+                table = pa.ipc.open_stream(source).read_all()  # what `datasets` writes
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(source).read_all()
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable arrow file: {e}") from e
+        if column not in table.column_names:
+            raise DataError(f"{path}: no '{column}' column (columns: {table.column_names})")
+        self.values = table.column(column)
+        if not _is_text(self.values.type) or self.values.null_count:
+            raise _first_bad(path, column, self.values.to_pylist(), 0, self.values.type)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, rows: np.ndarray) -> list[str]:
+        return self.values.take(rows).to_pylist()
+
+    def fingerprint(self, h) -> None:
+        h.update(f"{self._fingerprint}:{os.path.getsize(self.path)}".encode())
+
+
+DATASETS_FILES = ("dataset_info.json", "state.json")  # what marks a `datasets.save_to_disk` folder
+
+
+def _dataset_shards(folder: str, column: str) -> list[_ArrowShard]:
+    try:
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{folder}/state.json: not a datasets save_to_disk state ({e!r})") from e
+    fingerprint = str(state.get("_fingerprint", ""))
+    return [_ArrowShard(os.path.join(folder, name), column, fingerprint) for name in names]
+
+
+def _files(spec: str) -> list[str]:
+    """The prompt files a `data.prompts` value names: a file, a folder's prompt files, or a glob's."""
+    if glob.has_magic(spec):
+        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        what = "the glob matches"
+    elif os.path.isdir(spec):
+        files = sorted(os.path.join(spec, n) for n in os.listdir(spec) if os.path.isfile(os.path.join(spec, n)))
+        what = "the folder holds"
     else:
-        prompts = _load_parquet(path)
-    if not prompts:
-        raise DataError(f"{path}: no prompts in the file (blank and # comment lines are skipped)")
+        ext = os.path.splitext(spec)[1].lower()
+        if ext not in PROMPT_EXTENSIONS:
+            raise DataError(f"{spec}: unknown prompt file extension {ext!r} (expected one of {PROMPT_EXTENSIONS})")
+        if not os.path.exists(spec):
+            raise DataError(f"{spec}: no such file")
+        if not os.path.isfile(spec):
+            raise DataError(f"{spec}: not a regular file")
+        return [spec]
+    prompt_files = [p for p in files if os.path.splitext(p)[1].lower() in PROMPT_EXTENSIONS]
+    if not prompt_files:
+        shown = [os.path.basename(p) for p in files[:5]]
+        raise DataError(f"{spec}: {what} no {'/'.join(PROMPT_EXTENSIONS)} files (found: {shown or 'nothing'})")
+    return prompt_files
+
+
+class PromptSet(Sequence[str]):
+    """The prompts of one or more files, in order, read lazily: `len`, `ps[i]`, `ps[a:b]` and `take(indices)`
+    read only the rows asked for (millions of prompts never sit in memory). Open one with `open_prompts`."""
+
+    def __init__(self, source: str, shards: list):
+        self.source = source
+        self.shards = shards
+        self.starts = np.cumsum([0, *(len(s) for s in shards)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> list[str]:
+        """The prompts at `indices` (global, 0-based), in that order."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"prompt indices outside [0, {len(self)})")
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        out: list[str] = [""] * len(indices)
+        for s in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == s)
+            for i, text in zip(where, self.shards[s].take(indices[where] - self.starts[s]), strict=True):
+                out[i] = text
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        for shard in self.shards:
+            for start in range(0, len(shard), 4096):
+                yield from shard.take(np.arange(start, min(start + 4096, len(shard))))
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return self.take(np.arange(*item.indices(len(self))))
+        index = int(item) + (len(self) if int(item) < 0 else 0)
+        return self.take([index])[0]
+
+    def fingerprint(self) -> str:
+        """Identifies the prompts (for the embedding cache): each file's name and content (parquet: its footer and
+        size; a `datasets` folder: its own fingerprint), and the column."""
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(f"{os.path.basename(shard.path)}:{len(shard)}:{getattr(shard, 'column', '')}".encode())
+            shard.fingerprint(h)
+        return h.hexdigest()
+
+
+def open_prompts(spec: str, text_column: str = "prompt") -> PromptSet:
+    """The prompts `spec` names (see the module docstring): checked now, read when asked for."""
+    spec = os.fspath(spec)
+    if os.path.isdir(spec) and all(os.path.isfile(os.path.join(spec, n)) for n in DATASETS_FILES):
+        shards = _dataset_shards(spec, text_column)
+    else:
+        shards = []
+        for path in _files(spec):
+            shard = _ParquetShard if path.lower().endswith(".parquet") else _LineShard
+            shards.append(shard(path, text_column))
+    prompts = PromptSet(spec, shards)
+    if not len(prompts):
+        raise DataError(f"{spec}: no prompts in the file (blank and # comment lines are skipped)")
     return prompts
+
+
+def load_prompts(path: str, text_column: str = "prompt") -> list[str]:
+    """All the prompts `path` names, in order, as a list (for the few a program samples; training streams them
+    with `open_prompts`)."""
+    return list(open_prompts(path, text_column))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,6 +484,21 @@ def _matches(meta: dict[str, Any] | None, fingerprint: str, count: int) -> bool:
     return meta is not None and meta.get("fingerprint") == fingerprint and meta.get("count") == count
 
 
+def check_cache_size(folder: str, count: int, one: dict[str, np.ndarray], max_gib: float | None) -> float:
+    """The size in GiB of an embedding cache of `count` prompts, given the encoder's output `one` for one prompt;
+    logged, and refused past `max_gib` (`data.cache_max_gib`) before anything is written."""
+    per_prompt = sum(np.asarray(v).nbytes for v in one.values())
+    gib = count * per_prompt / 2**30
+    log.info("%s: the embedding cache of %d prompts will take %.2f GiB (%d bytes each)", folder, count, gib, per_prompt)
+    if max_gib is not None and gib > max_gib:
+        raise DataError(
+            f"{folder}: the embedding cache of {count} prompts would take {gib:,.1f} GiB ({per_prompt:,} bytes per "
+            f"prompt), past data.cache_max_gib={max_gib:g}; raise data.cache_max_gib, or set "
+            "data.cache_embeddings=False to encode each batch as it trains"
+        )
+    return gib
+
+
 class EmbeddingCache:
     """Text-encoder outputs of a fixed list of prompts, one memory-mapped `.npy` per key, rows in prompt order."""
 
@@ -314,7 +538,7 @@ class EmbeddingCache:
     def build(
         cls,
         folder: str,
-        prompts: list[str],
+        prompts: Sequence[str],
         encode: Callable[[list[str]], dict[str, np.ndarray]],
         *,
         batch_size: int = 64,
@@ -322,8 +546,12 @@ class EmbeddingCache:
         is_writer: bool = True,
         timeout_s: float = 24 * 3600.0,
         poll_s: float = 10.0,
+        max_gib: float | None = None,
     ) -> EmbeddingCache:
         """Open the cache in `folder` if it is complete for (`fingerprint`, `len(prompts)`), else build it.
+
+        With `max_gib`, before a build every process encodes one prompt, logs the cache's size and refuses one
+        past `max_gib` GiB (`check_cache_size`), so the waiting processes fail as fast as the writer.
 
         `encode(prompts)` returns arrays with one leading row per prompt. `fingerprint` should identify
         everything the embeddings depend on (prompt file, encoders, max sequence length, dtype). In multi-host
@@ -336,6 +564,8 @@ class EmbeddingCache:
         if batch_size < 1:
             raise DataError(f"{folder}: batch_size must be >= 1, got {batch_size}")
         meta = _read_meta(folder)
+        if max_gib is not None and not _matches(meta, fingerprint, count):  # to be built: how big, refused past it
+            check_cache_size(folder, count, encode(list(prompts[:1])), max_gib)
         if _matches(meta, fingerprint, count):
             try:
                 return cls(folder)
@@ -373,7 +603,7 @@ class EmbeddingCache:
     @staticmethod
     def _write(
         folder: str,
-        prompts: list[str],
+        prompts: Sequence[str],
         encode: Callable[[list[str]], dict[str, np.ndarray]],
         batch_size: int,
         fingerprint: str,
@@ -397,7 +627,7 @@ class EmbeddingCache:
         try:
             with tqdm(total=count, desc="caching text embeddings", unit="prompt") as bar:
                 for start in range(0, count, batch_size):
-                    batch = prompts[start : start + batch_size]
+                    batch = list(prompts[start : start + batch_size])
                     out = {key: np.asarray(value) for key, value in encode(batch).items()}
                     if not arrays:
                         if not out:

@@ -1,7 +1,7 @@
 r"""Export a FlowSteer student (a training workdir's LoRA) to diffusers (and ComfyUI).
 
     python -m flowsteer_jax.export --checkpoint=WORKDIR --out=DIR [--step=N] [--fuse] \
-        [--dtype=bf16|fp16|fp32] [--model=FOLDER] [--format=peft|comfyui|both] [--overwrite]
+        [--dtype=bf16|fp16|fp32] [--model=FOLDER] [--format=peft|comfyui|both] [--overwrite] [--noema]
 
 (also `flowsteer-export ...`, and `python conversion/export_to_diffusers.py ...`, the old path, still works).
 
@@ -22,6 +22,8 @@ the one recorded in the checkpoint; it is needed for `--fuse` and must have the 
 and, when the checkpoint records `base_fingerprint`, the same weights (else refused; an older checkpoint without it
 gets a one-line warning). `--dtype`: of the LoRA files (default fp32) and of the fused transformer (default: the
 base's stored dtype).
+The adapters are the run's EMA when it kept one (`ema.decay > 0`), else, or with `--noema`, its trained weights;
+`export.json` says which (`"weights": "ema" | "raw"`).
 
 Never overwrites: DIR must not exist or be empty, unless `--overwrite`, which replaces it whole (no stale shards or
 index). The base model's folders (pipeline, `transformer/`, where its weight files live, or a parent of them) and
@@ -49,7 +51,7 @@ from conversion.errors import InputError
 from conversion.lora import COMFYUI_FILE, PEFT_FILE, fuse, lora_pairs, to_comfyui, to_peft
 from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint, weights_fingerprint
 from conversion.table import check_checkpoint
-from conversion.training_checkpoint import CheckpointError, read_lora, resolve_step
+from conversion.training_checkpoint import CheckpointError, read_lora, resolve_step, uses_ema
 from flowsteer_jax import cli
 from flowsteer_jax.flow import schedules
 
@@ -275,6 +277,7 @@ def export(
     max_shard_bytes: int | None = 10 * 2**30,
     fmt: str = "both",
     overwrite: bool = False,
+    ema: bool = True,
 ) -> dict[str, str]:
     """Write the LoRA file(s), with `do_fuse` the merged `transformer/`, README.md and export.json into `out`.
 
@@ -289,7 +292,7 @@ def export(
         raise ConversionError(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     try:
         directory, step = resolve_step(checkpoint, step)
-        flat, meta = read_lora(checkpoint, step)
+        flat, meta = read_lora(checkpoint, step, ema=ema)
     except CheckpointError as e:  # a step that is absent, incomplete or unreadable: say how to pick another
         if "steps on disk" in str(e) or "available steps" in str(e):
             raise CheckpointError(f"{e} (export another step with --step=N)") from e
@@ -367,6 +370,7 @@ def export(
             "base_fingerprint": fingerprint,
             "trained_base_fingerprint": meta.get("base_fingerprint"),
             "lora": {"rank": int(rank), "alpha": alpha, "scale": scale},
+            "weights": "ema" if ema and uses_ema(meta) else "raw",
             "format": fmt,
             "dtype": dtype,
             "fused": do_fuse,
@@ -394,6 +398,7 @@ def define_flags(fv: flags.FlagValues) -> None:
         "format", "both", list(FORMATS), "LoRA file layout(s): PEFT/diffusers, ComfyUI/kohya", flag_values=fv
     )
     flags.DEFINE_bool("overwrite", False, "replace an existing non-empty --out (all of it)", flag_values=fv)
+    flags.DEFINE_bool("ema", True, "the run's EMA weights when it kept one (--noema: the trained ones)", flag_values=fv)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -414,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=args.max_shard_bytes,
             fmt=args.format,
             overwrite=args.overwrite,
+            ema=args.ema,
         )
         for what, path in written.items():
             print(f"wrote {what}: {path}")

@@ -12,10 +12,10 @@ a preempted job simply reruns the same command.
 Per step: each process reads its slice of the global prompt batch (`data.py`), encodes it on its own devices
 (or reads cached embeddings), the slices become one global batch on the mesh, and the one jitted FlowSteer
 step (`distill/step.py`) runs. Process 0 alone writes logs: a tqdm bar, TensorBoard scalars in
-`WORKDIR/tb`, and every `eval.every_steps` a PNG grid of the student's few-step samples from fixed prompts
-and noise in `WORKDIR/samples/`. Orbax writes the checkpoint from every process. A step with a non-finite
-loss or gradient changes nothing (the step keeps the old state); `train.max_bad_steps` of them in a row abort
-the run with the last good checkpoint kept.
+`WORKDIR/tb` (with `log.wandb` also to Weights & Biases: `tracking.py`), and every `eval.every_steps` a PNG
+grid of the student's few-step samples from fixed prompts and noise in `WORKDIR/samples/`. Orbax writes the
+checkpoint from every process. A step with a non-finite loss or gradient changes nothing (the step keeps the old
+state); `train.max_bad_steps` of them in a row abort the run with the last good checkpoint kept.
 
 Every config value is checked first (`distill.config.validate`), before any device, file or model is touched.
 A bad value, path or prompt file is one line `flowsteer_jax.train: error: ...` on stderr and exit code 2 (a bad
@@ -48,12 +48,13 @@ from ml_collections import config_flags
 
 from conversion.errors import InputError
 from conversion.safetensors_io import weights_fingerprint
-from flowsteer_jax import cli, parallel
+from flowsteer_jax import cli, parallel, tracking
 from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
 from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.config import validate, validate_batch
 from flowsteer_jax.distill.ota import window_boundaries
+from flowsteer_jax.distill.state import student_lora
 from flowsteer_jax.evaluation.metrics import eval_scorer
 from flowsteer_jax.flow.sampling import model_velocity
 from flowsteer_jax.flow.sampling import sample as flow_sample
@@ -144,6 +145,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from flowsteer_jax.models.loading import load_transformer
 
     validate(config)  # every value, before any device, file or model is touched
+    tracking.check(config)
     parallel.initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     mesh = parallel.mesh_from_config(config)
@@ -201,10 +203,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.data.cache_embeddings:
         cache = EmbeddingCache.build(
             os.path.join(workdir, "embeddings"),
-            list(world.prompts),
+            world.prompts,
             world.encode,
             fingerprint=world.fingerprint,
             is_writer=is_main,
+            max_gib=float(config.data.cache_max_gib),
         )
     negative = world.encode([config.data.negative_prompt])
     local_b = batch_size // procs
@@ -242,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def evaluate(step: int) -> None:
         if eval_inputs is None:
             return
-        latents = _host(sampler(train_state["params"]["lora"], frozen["base"], *eval_inputs))
+        latents = _host(sampler(student_lora(train_state), frozen["base"], *eval_inputs))
         if is_main:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             images = world.decode(latents)
@@ -262,11 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if scores:
                 log.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
-    writer = None
-    if is_main:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(workdir, "tb"))
+    writer = tracking.make_writers(config, workdir, config_json) if is_main else None
 
     def save(step: int) -> None:
         ckpt.save(step, train_state, {**meta_base, "data": loader.state()})
@@ -339,7 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if world.finish is not None:
             seconds = timed["end"] - timed["start"] if timed["first"] is not None else 0.0
             stats = {"steps": step, "seconds": seconds, "windows_per_s": timed["windows"] / max(seconds, 1e-9)}
-            student = nnx.merge(graphs.student, train_state["params"]["lora"], frozen["base"])
+            student = nnx.merge(graphs.student, student_lora(train_state), frozen["base"])
             world.finish(config, workdir, set_lora_enabled(student, True), stats)
     if writer is not None:
         writer.close()

@@ -150,3 +150,34 @@ def test_settings_added_later_default_to_the_old_behaviour():
     assert resume_report(old, now) == ([], [])
     problems, _ = resume_report(old, _meta(**{"disc.trunk": "frozen", "loss.gan": "least_squares"}))
     assert "disc.trunk: None -> 'frozen'" in problems and "loss.gan: 'hinge' -> 'least_squares'" in problems
+
+
+def test_ema_round_trips_and_cannot_be_switched_on_over_a_checkpoint_without_it(tmp_path):
+    """The EMA tree is saved and restored with the state; an older checkpoint (no `ema` keys) resumes with it off,
+    and a run that turns it on over such a checkpoint is refused naming the setting."""
+    import jax
+    import numpy as np
+
+    from flowsteer_jax.checkpoint import Checkpointer, resume_report, run_settings
+    from tests.test_distill import single_device_state, tiny_config
+
+    config = tiny_config(**{"loss.lambda_adv": 0.0, "loss.lambda_fm": 0.0, "ema.decay": 0.9})
+    state, _, _ = single_device_state(config)
+    state["ema"] = jax.tree.map(lambda x: x + 1.0, state["ema"])
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(3, state, _meta(**{"ema.decay": 0.9}))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    expect = _meta(**{"ema.decay": 0.9})
+    expect["shapes"] = None  # restore fills in the state's own
+    restored, meta = ckpt.restore(abstract, {k: v for k, v in expect.items() if k != "shapes"})
+    ckpt.close()
+    assert meta["step"] == 3
+    for a, b in zip(jax.tree.leaves(restored["ema"]), jax.tree.leaves(state["ema"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    old = _meta()
+    del old["config"]["ema"]
+    old["run"] = run_settings(old["config"])
+    assert resume_report(old, _meta()) == ([], [])
+    problems, _ = resume_report(old, _meta(**{"ema.decay": 0.9}))
+    assert "ema.decay: 0.0 -> 0.9" in problems

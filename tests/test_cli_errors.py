@@ -154,6 +154,12 @@ def test_validate_accepts_every_config_file():
         ({"seed": -1}, "seed=-1 must be >= 0"),
         ({"checkpoint__resume_step": -2}, "checkpoint.resume_step=-2 must be >= -1"),
         ({"checkpoint__allow_changes": ("",)}, "checkpoint.allow_changes=('',) must be a tuple of dotted keys"),
+        ({"ema__decay": 1.0}, "ema.decay=1.0 must be < 1 (0 = no EMA)"),
+        ({"ema__decay": -0.5}, "ema.decay=-0.5 must be >= 0"),
+        ({"ema__start_step": -1}, "ema.start_step=-1 must be >= 0"),
+        ({"data__text_column": ""}, "data.text_column='' must name the prompts' column"),
+        ({"data__cache_max_gib": 0.0}, "data.cache_max_gib=0.0 must be > 0"),
+        ({"log__wandb_project": ""}, "log.wandb_project='' must name a W&B project"),
     ],
 )
 def test_validate_names_the_key(values, fragment):
@@ -174,3 +180,18 @@ def test_validate_batch():
     validate_batch(c, 8, 2)
     with pytest.raises(InputError, match=r"train.batch_size=8 must divide .* \(3\)"):
         validate_batch(c, 3, 1)
+
+
+def test_wandb_without_the_package_is_one_input_error(monkeypatch):
+    """`log.wandb=True` needs the optional wandb package: refused before anything loads, naming the key."""
+    import importlib.util
+
+    from conversion.errors import InputError
+    from flowsteer_jax import tracking
+
+    c = default_config()
+    tracking.check(c)  # off: wandb is never looked for
+    c.log.wandb = True
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match=r"log.wandb=True, but the wandb package is not installed"):
+        tracking.check(c)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flowsteer_jax.data import DataError, EmbeddingCache, PromptLoader, load_prompts
+from flowsteer_jax.data import DataError, EmbeddingCache, PromptLoader, load_prompts, open_prompts
 
 # ---------------------------------------------------------------------------------------------------------------
 # load_prompts
@@ -113,8 +113,8 @@ def test_unknown_extension(tmp_path):
 
 
 def test_unreadable(tmp_path):
-    (tmp_path / "dir.txt").mkdir()
-    _raises(tmp_path / "dir.txt", "not a regular file")
+    (tmp_path / "dir.txt").mkdir()  # a folder is read as a folder of prompt files
+    _raises(tmp_path / "dir.txt", "the folder holds no .txt/.jsonl/.parquet files")
     path = tmp_path / "garbage.parquet"
     path.write_bytes(b"this is not parquet at all")
     _raises(path, "parquet")
@@ -362,3 +362,105 @@ def test_non_writer_waits_for_the_writer(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="waiting"):
         EmbeddingCache.build(folder, PROMPTS, enc, fingerprint="f2", is_writer=False, timeout_s=0.0, poll_s=0.0)
     assert enc.calls == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# open_prompts: globs, folders, datasets folders, streaming
+
+
+def _shards(folder, column="caption", sizes=(5, 3, 4), row_group_size=None):
+    """Parquet shards `part-<i>.parquet` with prompts `s<i>-<row>` in `column`, plus an `id` column."""
+    folder.mkdir(exist_ok=True)
+    expected = []
+    for i, n in enumerate(sizes):
+        prompts = [f"s{i}-{r}" for r in range(n)]
+        expected += prompts
+        table = pa.table({"id": list(range(n)), column: prompts})
+        pq.write_table(table, folder / f"part-{i}.parquet", row_group_size=row_group_size)
+    return expected
+
+
+def test_glob_and_folder_of_parquet_shards_with_a_custom_column(tmp_path):
+    expected = _shards(tmp_path / "shards")
+    (tmp_path / "shards" / "README.md").write_text("not a prompt file")
+    by_glob = open_prompts(str(tmp_path / "shards" / "part-*.parquet"), "caption")
+    by_folder = open_prompts(str(tmp_path / "shards"), "caption")
+    assert list(by_glob) == list(by_folder) == expected and len(by_glob) == 12
+    assert by_glob.take([11, 0, 5, 7]) == ["s2-3", "s0-0", "s1-0", "s1-2"] and by_glob[-1] == "s2-3"
+    assert by_glob[4:7] == ["s0-4", "s1-0", "s1-1"]
+    with pytest.raises(DataError, match="part-0.parquet: no 'prompt' column.*caption"):
+        open_prompts(str(tmp_path / "shards"))
+    with pytest.raises(DataError, match="the glob matches no"):
+        open_prompts(str(tmp_path / "shards" / "*.jsonl"))
+    jsonl = tmp_path / "mixed"
+    jsonl.mkdir()
+    (jsonl / "a.jsonl").write_text('{"caption": "x"}\n{"caption": "y"}\n')
+    (jsonl / "b.txt").write_text("z\n")
+    assert list(open_prompts(str(jsonl), "caption")) == ["x", "y", "z"]
+
+
+def test_a_datasets_save_to_disk_folder(tmp_path):
+    """The layout `datasets.Dataset.save_to_disk` writes: arrow *stream* files listed in state.json."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    names = []
+    for i, rows in enumerate((["a", "b"], ["c"])):
+        name = f"data-{i:05d}-of-00002.arrow"
+        table = pa.table({"text": rows, "n": list(range(len(rows)))})
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        names.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": names, "_fingerprint": "abc", "_split": None}))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
+    prompts = open_prompts(str(folder), "text")
+    assert list(prompts) == ["a", "b", "c"] and prompts.take([2, 0]) == ["c", "a"]
+    with pytest.raises(DataError, match="no 'prompt' column"):
+        open_prompts(str(folder))
+
+
+def test_prompts_are_streamed_never_read_whole(tmp_path, monkeypatch):
+    """Opening reads the footers only; a batch reads its own row groups, not the shards."""
+    expected = _shards(tmp_path / "shards", sizes=(1000, 1000), row_group_size=10)
+    reads = []
+    original = pq.ParquetFile.read_row_group
+
+    def counting(self, i, *args, **kwargs):
+        reads.append(i)
+        return original(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("a whole table was read"))
+    prompts = open_prompts(str(tmp_path / "shards" / "*.parquet"), "caption")
+    assert len(prompts) == 2000 and reads == []
+    idx = PromptLoader(len(prompts), 8, seed=0).next()
+    assert prompts.take(idx) == [expected[i] for i in idx]
+    assert 1 <= len(reads) <= 8  # one row group (10 rows) per prompt at most, out of 200
+
+
+def test_text_files_keep_offsets_not_prompts(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"t": f"prompt {i}", "i": i}) + "\n" for i in range(5000)))
+    prompts = open_prompts(str(path), "t")
+    assert len(prompts) == 5000 and prompts.take([4999, 17]) == ["prompt 4999", "prompt 17"]
+    (shard,) = prompts.shards
+    assert not any(isinstance(v, list) for v in vars(shard).values())  # the index is an offsets array
+    assert shard.offsets.dtype == np.int64 and shard.offsets.shape == (5000,)
+
+
+def test_cache_states_its_size_and_refuses_past_the_limit(tmp_path, caplog):
+    prompts = [f"p{i}" for i in range(1000)]
+    folder = tmp_path / "emb"
+    with caplog.at_level(logging.INFO, logger="flowsteer_jax.data"):
+        with pytest.raises(DataError) as info:
+            EmbeddingCache.build(str(folder), prompts, Encoder(), fingerprint="f", max_gib=1e-6)
+    message = str(info.value)  # 20 bytes per prompt (Encoder's outputs): 1.9e-5 GiB
+    assert (
+        "data.cache_max_gib=1e-06" in message
+        and "20 bytes per prompt" in message
+        and "1000 prompts" in message
+        and "GiB" in message
+    )
+    assert not folder.exists() and not list(tmp_path.iterdir())  # nothing written
+    assert any("will take" in r.getMessage() and "GiB" in r.getMessage() for r in caplog.records)
+    cache = EmbeddingCache.build(str(folder), prompts, Encoder(), fingerprint="f", max_gib=1e-4)
+    assert len(cache) == 1000

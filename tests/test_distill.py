@@ -302,15 +302,23 @@ def test_discriminator_uses_the_models_attention_kernel(attention):
 
 
 def test_train_steps_move_lora_and_disc_keep_base_and_skip_nonfinite():
-    config = tiny_config()
+    config = tiny_config(**{"ema.decay": 0.5, "ema.start_step": 1})
     state, frozen, graphs = single_device_state(config)
     base_before, lora0, disc0 = host(frozen["base"]), host(state["params"]["lora"]), host(state["params"]["disc"])
     step = make_step(config, graphs)
     rng, batch = jax.random.PRNGKey(config.seed), make_batch()
-    seen = []
+    seen, emas = [], []
     for _ in range(3):
         state, metrics = step(state, frozen, batch, rng)
         seen.append({k: float(v) for k, v in metrics.items()})
+        emas.append((host(state["ema"]), host(state["params"]["lora"])))
+    # The EMA of the LoRA: the weights through update ema.start_step = 1, then 0.5 * ema + 0.5 * weights.
+    for e, p in zip(*map(jax.tree.leaves, emas[0]), strict=True):
+        np.testing.assert_array_equal(e, p)
+    for (ema, _), (ema_next, lora_next) in zip(emas, emas[1:], strict=False):
+        for e, e_next, p in zip(*map(jax.tree.leaves, (ema, ema_next, lora_next)), strict=True):
+            np.testing.assert_allclose(e_next, 0.5 * e + 0.5 * p, rtol=1e-6, atol=1e-8)
+    assert any(np.abs(e - p).max() > 0 for e, p in zip(*map(jax.tree.leaves, emas[-1]), strict=True))
     for m in seen:
         for key in ("loss", "loss_dist", "loss_adv", "loss_fm", "loss_disc", "grad_norm_lora", "grad_norm_disc"):
             assert np.isfinite(m[key]), (key, m)
@@ -331,13 +339,13 @@ def test_train_steps_move_lora_and_disc_keep_base_and_skip_nonfinite():
     for a, b in zip(jax.tree.leaves(frozen["base"]), jax.tree.leaves(base_before), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)  # the teacher weights are bit-identical
 
-    # A NaN in the batch: parameters and optimizer state stay exactly as they were, the step is reported.
-    before = host({"params": state["params"], "opt_state": state["opt_state"]})
+    # A NaN in the batch: parameters, optimizer state and EMA stay exactly as they were, the step is reported.
+    before = host({"params": state["params"], "opt_state": state["opt_state"], "ema": state["ema"]})
     bad = dict(batch, pooled=batch["pooled"].at[0, 0].set(jnp.nan))
     state, metrics = step(state, frozen, bad, rng)
     assert float(metrics["finite"]) == 0.0 and not np.isfinite(float(metrics["loss"]))
     assert int(state["nonfinite"]) == 1 and int(state["step"]) == 4
-    after = {"params": state["params"], "opt_state": state["opt_state"]}
+    after = {"params": state["params"], "opt_state": state["opt_state"], "ema": state["ema"]}
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     state, metrics = step(state, frozen, batch, rng)
@@ -354,6 +362,7 @@ def test_zero_adversarial_weights_remove_the_discriminator():
     head_kernel = "tensor<4x4x16x8xf32>"  # D's conv head (C=16 -> 8, 4x4): appears only with a discriminator
     state, text, flops = lowered_step(tiny_config(**{"loss.lambda_adv": 0.0, "loss.lambda_fm": 0.0}))
     assert set(state["params"]) == {"lora"} and head_kernel not in text
+    assert "ema" not in state  # ema.decay = 0 (the default): no EMA in the state
     d_state, d_text, d_flops = lowered_step(tiny_config(**{"loss.lambda_adv": 0.0, "loss.lambda_fm": 1e-3}))
     assert set(d_state["params"]) == {"lora", "disc"} and head_kernel in d_text
     assert flops < 0.5 * d_flops, (flops, d_flops)
@@ -397,3 +406,17 @@ def test_window_weighting_by_length():
     config = tiny_config(**no_disc, **{"loss.window_weighting": "length"})
     length = make_step(config, graphs)(state, frozen, batch, rng)[1]
     assert np.isfinite(float(length["loss_dist"])) and float(length["loss_dist"]) != float(uniform["loss_dist"])
+
+
+def test_ema_update_copies_through_start_step_then_averages():
+    from flowsteer_jax.distill.step import ema_update
+
+    ema = {"a": jnp.ones(3), "b": {"c": jnp.full((2,), 4.0, jnp.bfloat16)}}
+    lora = {"a": jnp.zeros(3), "b": {"c": jnp.full((2,), 2.0, jnp.bfloat16)}}
+    copied = ema_update(ema, lora, jnp.int32(2), 0.9, 2)  # update 2 of start_step 2: still the weights
+    averaged = ema_update(ema, lora, jnp.int32(3), 0.9, 2)
+    np.testing.assert_array_equal(copied["a"], 0.0)
+    np.testing.assert_array_equal(np.float32(copied["b"]["c"]), 2.0)
+    np.testing.assert_allclose(averaged["a"], 0.9)
+    np.testing.assert_allclose(np.float32(averaged["b"]["c"]), 0.9 * 4 + 0.1 * 2, rtol=1e-2)
+    assert averaged["b"]["c"].dtype == jnp.bfloat16

@@ -40,6 +40,7 @@ from flowsteer_jax.distill.config import default_config
 from flowsteer_jax.distill.state import make_train_state
 from flowsteer_jax.export import export, rectified_sigmas
 from flowsteer_jax.models.loading import load_transformer
+from flowsteer_jax.models.loading import read_lora as read_lora_pairs
 from flowsteer_jax.models.lora import LoRALinear, apply_lora, lora_layers
 from flowsteer_jax.pipeline import SD3Pipeline
 from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
@@ -186,8 +187,11 @@ def _keys(dotted: str) -> list:
     return [int(k) if k.isdigit() else k for k in dotted.split(".")]
 
 
-def save_workdir(workdir: str, pipeline_folder: str, *, rank: int = RANK, alpha: float = ALPHA, step: int = STEP):
-    """A train state with random non-zero adapters, saved in the trainer's orbax layout; returns its flat LoRA."""
+def save_workdir(
+    workdir: str, pipeline_folder: str, *, rank: int = RANK, alpha: float = ALPHA, step: int = STEP, ema: bool = False
+):
+    """A train state with random non-zero adapters, saved in the trainer's orbax layout; returns its flat LoRA.
+    With `ema`, the run kept an EMA of them (`ema.decay > 0`) whose every weight is half the adapters'."""
     transformer = os.path.join(pipeline_folder, "transformer")
     with open(os.path.join(transformer, "config.json")) as f:
         tconf = json.load(f)
@@ -197,6 +201,7 @@ def save_workdir(workdir: str, pipeline_folder: str, *, rank: int = RANK, alpha:
     if "path" in c.model:
         c.model.path = pipeline_folder
     c.disc.num_blocks = 1  # keep the discriminator: it must not be exported
+    c.ema.decay = 0.9 if ema else 0.0
     state, _, _ = make_train_state(c, load_transformer(transformer, jnp.float32))
     assert "disc" in state["params"]
     leaves, treedef = jax.tree.flatten(state["params"]["lora"])
@@ -206,6 +211,8 @@ def save_workdir(workdir: str, pipeline_folder: str, *, rank: int = RANK, alpha:
         fan = leaf.shape[0]
         new.append(jnp.asarray(r.standard_normal(leaf.shape).astype(np.float32) * 0.5 / np.sqrt(fan)))
     state["params"]["lora"] = jax.tree.unflatten(treedef, new)
+    if ema:
+        state["ema"] = jax.tree.unflatten(treedef, [0.5 * x for x in new])
     meta = {
         "step": step,
         "config": json.loads(json.dumps(c.to_dict())),
@@ -704,3 +711,33 @@ def test_comfyui_file_matches_the_peft_one(world, exported, student):
     err = rel_err(torch_forward(tm, inputs), want)
     assert err <= 1e-5, err
     assert rel_err(torch_forward(SD3Transformer2DModel.from_pretrained(base).eval(), inputs), want) > 1e-3
+
+
+def test_export_and_load_lora_use_the_ema_weights(world, tmp_path, capsys):
+    """A run that kept an EMA (`ema.decay > 0`) exports it and `load_lora(workdir)` loads it; `--noema` the raw."""
+    workdir = str(tmp_path / "run")
+    flat = save_workdir(workdir, world["folder"], ema=True)
+    ema, _ = read_lora(workdir)
+    raw, _ = read_lora(workdir, ema=False)
+    assert ema.keys() == raw.keys() == flat.keys()
+    for k, v in flat.items():
+        np.testing.assert_array_equal(raw[k], v)
+        np.testing.assert_array_equal(ema[k], 0.5 * v)
+
+    def exported(out: str, *flags: str) -> tuple[dict, dict]:
+        rc, err = run_export(capsys, f"--checkpoint={workdir}", f"--out={out}", "--format=peft", *flags)
+        assert rc == 0, err
+        with open(os.path.join(out, "export.json")) as f:
+            record = json.load(f)
+        with safe_open(os.path.join(out, PEFT_FILE), framework="np") as f:
+            return record, {k: f.get_tensor(k) for k in f.keys()}
+
+    record, with_ema = exported(str(tmp_path / "ema"))
+    raw_record, without = exported(str(tmp_path / "raw"), "--noema")
+    assert record["weights"] == "ema" and raw_record["weights"] == "raw"
+    for k, v in without.items():  # A and B each halved
+        np.testing.assert_allclose(with_ema[k], 0.5 * v, rtol=1e-6)
+    with open(os.path.join(world["folder"], "transformer", "config.json")) as f:
+        pairs, _ = read_lora_pairs(workdir, json.load(f))
+    module = next(iter(pairs))
+    np.testing.assert_array_equal(pairs[module][0], ema[f"{module}.lora_a"])

@@ -396,3 +396,90 @@ def test_sd3_world_takes_the_timestep_scale_from_the_scheduler(setup, tmp_path):
     with open(path, "w") as f:
         json.dump({**scheduler, "num_train_timesteps": 500}, f)
     assert make_world(config, str(tmp_path)).num_train_timesteps == 500
+
+
+FAKE_WANDB = '''"""A stand-in for the wandb package: init, log and finish calls as JSON lines in $FAKE_WANDB_LOG."""
+import json
+import os
+
+
+def _write(**record):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps(record) + "\\n")
+
+
+class Image:
+    def __init__(self, data):
+        self.shape = list(data.shape)
+
+
+class _Run:
+    def log(self, data, step=None):
+        shown = {k: v if isinstance(v, float) else {"image": v.shape} for k, v in data.items()}
+        _write(call="log", step=step, data=shown)
+
+    def finish(self):
+        _write(call="finish")
+
+
+def init(**kwargs):
+    _write(call="init", config_keys=sorted(kwargs.pop("config")), **kwargs)
+    return _Run()
+'''
+
+
+def test_trains_from_parquet_shards_with_ema_and_wandb(setup, tmp_path):
+    """Prompts from a glob of parquet shards with a custom column, an EMA of the LoRA (checkpointed, what the export
+    reads) and the W&B sink (a fake wandb module, offline), in one run."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conversion.training_checkpoint import read_lora
+    from flowsteer_jax.data import load_prompts
+
+    prompts = load_prompts(os.path.join(ROOT, "configs", "prompts", "tiny.txt"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    half = len(prompts) // 2
+    for i, part in enumerate((prompts[:half], prompts[half:])):
+        pq.write_table(pa.table({"caption": part, "n": list(range(len(part)))}), shards / f"train-{i}.parquet")
+    fake = tmp_path / "fake_site" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(FAKE_WANDB)
+    env = dict(
+        setup["env"], PYTHONPATH=f"{ROOT}{os.pathsep}{fake.parent}", FAKE_WANDB_LOG=str(tmp_path / "wandb.jsonl")
+    )
+    env["WANDB_MODE"] = "offline"
+    workdir = str(tmp_path / "run")
+    proc = _start(
+        setup,
+        workdir,
+        f"--config.data.prompts={shards}/train-*.parquet",
+        "--config.data.text_column=caption",
+        "--config.ema.decay=0.5",
+        "--config.log.wandb=True",
+        "--config.train.num_steps=4",
+        env=env,
+    )
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "the embedding cache of" in err  # its size, stated before it is built
+
+    with open(tmp_path / "wandb.jsonl") as f:
+        calls = [json.loads(line) for line in f]
+    assert calls[0]["call"] == "init" and calls[0]["name"] == "run" and "ema" in calls[0]["config_keys"]
+    logged = [c for c in calls if c["call"] == "log"]
+    assert {c["step"] for c in logged if "train/loss" in c["data"]} == {1, 2, 3, 4}
+    assert any(c["data"].get("eval/samples", {}).get("image") for c in logged) and calls[-1]["call"] == "finish"
+
+    state = _state(workdir)
+    ema = {k: v for k, v in state.items() if k.startswith("['ema']")}
+    assert ema and len(ema) == len([k for k in state if k.startswith("['params']['lora']")])
+    flat, _ = read_lora(workdir)
+    raw, _ = read_lora(workdir, ema=False)
+    assert any(not np.array_equal(flat[k], raw[k]) for k in flat)  # the export reads the EMA, not the weights
+    saved = {k.removesuffix("['value']"): v for k, v in ema.items()}  # nnx.State leaves: {"value": array}
+    for key, value in flat.items():
+        np.testing.assert_array_equal(saved["['ema']" + "".join(f"['{p}']" for p in key.split("."))], value)

@@ -23,9 +23,11 @@ Shape (all keys always present; `configs/` files override values, never add keys
   other base weights with the same config.json; () = every change is refused (`train.num_steps` always may).
   `checkpoint.resume_step`: the step to resume (-1 = the newest); an older one moves the newer steps to
   `WORKDIR/checkpoints_set_aside/` (never deleted): for a newest step that cannot be read, or a rollback.
-- `data.prompts`: a .txt / .jsonl / .parquet prompt file (`flowsteer_jax/data.py`); `data.shuffle`;
-  `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5 tokens);
-  `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there).
+- `data.prompts`: a .txt / .jsonl / .parquet prompt file, a glob or folder of them, or a `datasets` save_to_disk
+  folder, streamed (`flowsteer_jax/data.py`); `data.text_column` (the jsonl field / parquet or arrow column);
+  `data.shuffle`; `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5
+  tokens); `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there),
+  refused when it would take more than `data.cache_max_gib` GiB.
 - `eval.every_steps` (0: only at the end), `eval.prompts` (fixed prompts of the sample grid), `eval.seed`;
   `eval.metrics`: scores of those samples logged to TensorBoard (`eval/<metric>`) with the grid: "auto" (every
   metric `eval.weights` allows, plus the world's own, e.g. the digits world's prompt accuracy), "" (none), or a
@@ -57,6 +59,12 @@ Shape (all keys always present; `configs/` files override values, never add keys
   of `lora.rank`/`lora.targets` on the trunk, plus the heads). The paper's Table 4 compares these.
 - `optim.lora.*`, `optim.disc.*`: AdamW `lr`, `b1`, `b2`, `eps`, `weight_decay`, `clip_norm` (global norm,
   inside the branch; 0 disables), `schedule` ("constant" | "cosine"), `warmup_steps`, `total_steps`.
+- `ema.decay`: an exponential moving average of the student's LoRA, kept in the train state (`train_state["ema"]`)
+  and checkpointed; 0 = off (no EMA in the state). When on, the eval grid, the world's report, the export and
+  `SD3Pipeline.load_lora(workdir)` use the EMA weights. `ema.start_step`: through this many optimizer steps the
+  EMA copies the weights, averaging after (`distill.step.ema_update`).
+- `log.wandb`: also log to Weights & Biases (the optional `wandb` package; `flowsteer_jax/tracking.py`), into
+  the project `log.wandb_project`; `WANDB_MODE=offline` logs without a network. TensorBoard always logs.
 - `mesh.shape`: (data, fsdp, tensor), one -1 fills; `mesh.rules`: logical axis -> mesh axes.
 
 `validate(config)` checks every value above (ranges, names, `cfg_min <= cfg_max`, ...) without touching a device
@@ -111,7 +119,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(num_steps=10_000, batch_size=8, max_bad_steps=20, log_every=10))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, allow_changes=(), resume_step=-1))
     c.data = ml_collections.ConfigDict(
-        dict(prompts="", shuffle=True, negative_prompt="", max_sequence_length=256, cache_embeddings=False)
+        dict(
+            prompts="",
+            text_column="prompt",
+            shuffle=True,
+            negative_prompt="",
+            max_sequence_length=256,
+            cache_embeddings=False,
+            cache_max_gib=256.0,
+        )
     )
     c.eval = ml_collections.ConfigDict(
         dict(every_steps=500, prompts=EVAL_PROMPTS, seed=1234, metrics="auto", weights="", ref="")
@@ -137,6 +153,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lora = _adamw(1e-4, 1e-2, 1.0)
     c.optim.disc = _adamw(1e-4, 1e-2, 1.0)
+    c.ema = ml_collections.ConfigDict(dict(decay=0.0, start_step=0))
+    c.log = ml_collections.ConfigDict(dict(wandb=False, wandb_project="flowsteer"))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=dict(DEFAULT_RULES)))
     return c
 
@@ -205,6 +223,9 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     if isinstance(allow, str) or not all(isinstance(k, str) and k for k in allow):
         out.append(f"checkpoint.allow_changes={allow!r} must be a tuple of dotted keys, e.g. ('optim.lora.lr',)")
     number("data.max_sequence_length", 1, integer=True)
+    if not isinstance(config.data.text_column, str) or not config.data.text_column:
+        out.append(f"data.text_column={config.data.text_column!r} must name the prompts' column (e.g. 'prompt')")
+    number("data.cache_max_gib", 0, above=True)
     number("eval.every_steps", 0, integer=True)
     number("eval.seed", 0, integer=True)
     if isinstance(config.eval.prompts, str) or not all(isinstance(p, str) for p in config.eval.prompts):
@@ -266,6 +287,14 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
         one_of(f"{p}.schedule", OPTIM_SCHEDULES)
         number(f"{p}.warmup_steps", 0, integer=True)
         number(f"{p}.total_steps", 1, integer=True)
+    number("ema.decay", 0)
+    if _number(config.ema.decay) and config.ema.decay >= 1:
+        out.append(f"ema.decay={config.ema.decay!r} must be < 1 (0 = no EMA)")
+    number("ema.start_step", 0, integer=True)
+    if not isinstance(config.log.wandb, bool):
+        out.append(f"log.wandb={config.log.wandb!r} must be True or False")
+    if not isinstance(config.log.wandb_project, str) or not config.log.wandb_project:
+        out.append(f"log.wandb_project={config.log.wandb_project!r} must name a W&B project")
 
     mesh = tuple(config.mesh.shape)
     if len(mesh) != 3 or not all(isinstance(v, int) and (v >= 1 or v == -1) for v in mesh) or mesh.count(-1) > 1:

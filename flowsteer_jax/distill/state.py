@@ -3,7 +3,8 @@
 ```
 train_state = {"step": int32, "nonfinite": int32,          # steps skipped for a non-finite loss/gradient
                "params": {"lora": State, "disc": State},   # "disc" only when the discriminator is used
-               "opt_state": optax state of optax.partition({"lora": ..., "disc": ...})}
+               "opt_state": optax state of optax.partition({"lora": ..., "disc": ...}),
+               "ema": State}                               # only with ema.decay > 0: the LoRA's moving average
 frozen      = {"base": State,                              # the one copy of the MMDiT weights (teacher)
                "disc": State}                              # D's non-trainable buffers (positional table)
 ```
@@ -139,6 +140,8 @@ def make_train_state(
         "params": params,
         "opt_state": make_optimizer(config).init(params),
     }
+    if config.ema.decay > 0:  # a copy, not the same buffers: the step donates the whole state
+        train_state["ema"] = jax.tree.map(jnp.copy, params["lora"])
     graphs = Graphs(
         student=student_graph,
         disc=disc_graph,
@@ -152,6 +155,11 @@ def make_train_state(
         train_state = jax.device_put(train_state, graphs.state_shardings)
         frozen = jax.device_put(frozen, graphs.frozen_shardings)
     return train_state, frozen, graphs
+
+
+def student_lora(train_state: dict) -> Any:
+    """The LoRA the student is sampled, evaluated and exported with: the EMA when the run keeps one."""
+    return train_state["ema"] if "ema" in train_state else train_state["params"]["lora"]
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, build_model, *, mesh: Mesh | None = None):

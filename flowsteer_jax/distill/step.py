@@ -17,7 +17,8 @@ Per step, for a batch of B prompts (docs/design.md, "The FlowSteer step"):
 5. One backward pass for `L_dist + l_adv L_adv + l_fm L_FM + L_D` gives LoRA and D gradients;
    `optax.partition` applies clipped AdamW per branch. With `lambda_adv = lambda_fm = 0` there is no
    discriminator in the state, so none in the compiled step.
-6. A non-finite loss or gradient keeps params and optimizer state (a select, so no NaN reaches them);
+6. With `ema.decay > 0`, `ema_update` moves `train_state["ema"]` towards the new LoRA.
+7. A non-finite loss or gradient keeps params, optimizer state and EMA (a select, so no NaN reaches them);
    `step` still advances (fresh noise next time), `nonfinite` counts it, `metrics["finite"]` reports it.
 
 Metrics: `loss` (`L_student + L_D`, what is differentiated), `loss_student`, `loss_dist`, `loss_adv`,
@@ -66,6 +67,16 @@ def _repeat(tree, n: int):
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
 
 
+def ema_update(ema, lora, updates: jax.Array, decay: float, start_step: int):
+    """The LoRA's moving average after optimizer update number `updates` (1-based) gave `lora`.
+
+    Through `start_step` updates the average is the weights themselves (the early, fast-moving ones would
+    otherwise linger in it); after, `decay * ema + (1 - decay) * lora`.
+    """
+    d = jnp.where(updates > start_step, jnp.float32(decay), jnp.float32(0.0))
+    return jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype), ema, lora)
+
+
 def build_train_step(
     config: ml_collections.ConfigDict,
     graphs: Graphs,
@@ -97,6 +108,7 @@ def build_train_step(
     optimizer = make_optimizer(config)
     lr_fns = schedules(config)
     ntt = int(num_train_timesteps)
+    ema_decay, ema_start = float(config.ema.decay), int(config.ema.start_step)
 
     def model_fn(lora, base, enabled: bool):
         # Merge (copying the Variables) at the call site, so the Variables belong to whichever trace calls it
@@ -184,6 +196,9 @@ def build_train_step(
             "params": keep(new_params, params),
             "opt_state": keep(opt_state, train_state["opt_state"]),
         }
+        if "ema" in train_state:
+            ema = ema_update(train_state["ema"], new_params["lora"], step + 1, ema_decay, ema_start)
+            new_state["ema"] = keep(ema, train_state["ema"])
         metrics = {"loss": loss, "finite": finite.astype(jnp.float32), "windows": jnp.float32(k * b), **aux}
         for name, fn in lr_fns.items():
             metrics[f"grad_norm_{name}"] = optax.tree.norm(grads[name])

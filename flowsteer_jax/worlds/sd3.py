@@ -1,8 +1,8 @@
-"""The SD3 world (`config.world = "sd3"`): a diffusers SD3 folder (`model.path`) and a prompt file (`data.prompts`)."""
+"""The SD3 world (`config.world = "sd3"`): a diffusers SD3 folder (`model.path`) and prompts (`data.prompts`,
+streamed: `flowsteer_jax.data.open_prompts`)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from conversion.errors import InputError
-from flowsteer_jax.data import DataError, load_prompts
+from flowsteer_jax.data import DataError, open_prompts
 from flowsteer_jax.flow.schedules import scheduler_settings
 from flowsteer_jax.worlds import Embeds, World, fingerprint
 
@@ -33,9 +33,12 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
     # Every component the run loads (the VAE only for the sample grids, after training), before loading any.
     check_pipeline(path, what="model.path")
     if not config.data.prompts:
-        raise InputError("data.prompts is empty: set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
+        raise InputError(
+            "data.prompts is empty: set --config.data.prompts to a .txt, .jsonl or .parquet prompt file (or a glob or "
+            "folder of them, or a datasets save_to_disk folder)"
+        )
     try:
-        prompts = load_prompts(config.data.prompts)
+        prompts = open_prompts(config.data.prompts, config.data.text_column)
     except DataError as e:
         raise DataError(f"data.prompts: {e}") from e
     dtype = jnp.dtype(config.model.dtype)
@@ -66,8 +69,7 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         images = decoder[0](jnp.asarray(latents, dtype))
         return np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
 
-    with open(config.data.prompts, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = prompts.fingerprint()
     return World(
         model_path=os.path.abspath(path),
         transformer_folder=os.path.join(path, "transformer"),
