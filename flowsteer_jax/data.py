@@ -3,7 +3,8 @@
 Prompt files (`load_prompts`), chosen by extension (case-insensitive):
 
 - `.txt`: one prompt per line, UTF-8; trailing whitespace (and the newline) is stripped, blank lines and comment
-  lines (first non-blank character `#`) skipped.
+  lines (first non-blank character `#`) skipped. UTF-16 (NUL bytes, or its byte-order mark) is refused, in `.jsonl`
+  too.
 - `.jsonl`: one JSON object per non-blank line with a string field `"prompt"` (other fields are ignored).
 - `.parquet`: a `prompt` column of strings (read with pyarrow); no nulls.
 
@@ -72,6 +73,10 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: cannot read the file: {e}") from e
     # A BOM (Windows editors) would otherwise become part of the first prompt.
     data = data.removeprefix(b"\xef\xbb\xbf")
+    # UTF-16 without a BOM is valid UTF-8 with a NUL after every ASCII letter: it would train on "a\0 \0c\0a\0t".
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        line = data[: data.find(b"\x00")].count(b"\n") + 1 if b"\x00" in data else 1
+        raise DataError(f"{path}: line {line} has NUL bytes or a UTF-16 byte-order mark: UTF-16 text? save it as UTF-8")
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         text = _decode(raw, path, lineno).rstrip()
         if text:

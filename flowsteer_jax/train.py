@@ -47,12 +47,12 @@ from flax import nnx
 from ml_collections import config_flags
 
 from conversion.errors import InputError
-from conversion.safetensors_io import weights_fingerprint
+from conversion.safetensors_io import read_json, weights_fingerprint
 from flowsteer_jax import cli, parallel
 from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
 from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
-from flowsteer_jax.distill.config import validate, validate_batch
+from flowsteer_jax.distill.config import config_latent_shape, validate, validate_batch, validate_model
 from flowsteer_jax.distill.ota import window_boundaries
 from flowsteer_jax.evaluation.metrics import eval_scorer
 from flowsteer_jax.flow.sampling import model_velocity
@@ -132,9 +132,20 @@ def latent_shape_of(config: ml_collections.ConfigDict, world: World, tc: dict) -
     """The world's, else `model.latent_shape`, else the transformer config's (`tc`) sample_size square."""
     if world.latent_shape is not None:
         return tuple(world.latent_shape)
-    if tuple(config.model.latent_shape):
-        return tuple(int(v) for v in config.model.latent_shape)
-    return (int(tc["sample_size"]), int(tc["sample_size"]), int(tc["in_channels"]))
+    return config_latent_shape(config, tc)
+
+
+def check_workdir(workdir: str) -> None:
+    """`workdir` is (or can be made) a folder this process can write: one `InputError` naming it, not a traceback
+    from the first checkpoint or log written minutes later."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise InputError(f"--workdir={workdir}: exists and is not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--workdir={workdir}: cannot create the folder ({e.strerror})") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise InputError(f"--workdir={workdir}: the folder is not writable")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -151,11 +162,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n_batch = int(np.prod([mesh.shape[a] for a in np.atleast_1d(rules.get("batch") or ()) if a]))
     batch_size, procs = int(config.train.batch_size), jax.process_count()
     validate_batch(config, n_batch, procs)
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     world = make_world(config, workdir)
-    with open(os.path.join(world.transformer_folder, "config.json")) as f:
-        transformer_config = json.load(f)
+    config_path = os.path.join(world.transformer_folder, "config.json")
+    transformer_config = read_json(config_path, "transformer config")  # as the file has it: the checkpoint's meta
     latent_shape = latent_shape_of(config, world, transformer_config)
+    validate_model(config, transformer_config, latent_shape, config_path)  # the SD3 world checked before its encoders
     if config.distill.start_points == "interpolate" and world.x0 is None:
         raise InputError("distill.start_points='interpolate' (PeRFlow) needs data latents; this world has prompts only")
 
@@ -362,8 +374,11 @@ def main(argv: Sequence[str]) -> None:
     except TrainingAborted as e:
         print(f"training aborted: {e}", file=sys.stderr)
         sys.exit(3)
-    except cli.INPUT_ERRORS as e:  # a bad config value, path or file: one line, no traceback
-        sys.exit(cli.error(PROG, e))
+    except Exception as e:  # a bad config value, path or file, a full disk: one line, no traceback
+        code = cli.report(PROG, e)
+        if code is None:
+            raise
+        sys.exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
