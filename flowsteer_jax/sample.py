@@ -39,7 +39,7 @@ from conversion.errors import ConversionError, InputError
 from flowsteer_jax import cli
 from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
 from flowsteer_jax.distill.config import MAX_SEQUENCE_LENGTH, SEED_LIMIT
-from flowsteer_jax.images import save_grid
+from flowsteer_jax.images import save_grid, save_png
 from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
 from flowsteer_jax.xla_cpu import use_inference_flags
 
@@ -183,7 +183,7 @@ def write_images(pipe, prompts: list[str], out: str, *, batch: int, seed: int, d
         images = pipe(padded, seed=seed, first_index=start, output_type="pil", **sampling)
         for i, im in enumerate(images[: len(chunk)]):
             paths.append(os.path.join(out, f"{start + i:05d}.png"))
-            im.save(paths[-1])
+            save_png(paths[-1], im)
     return paths
 
 

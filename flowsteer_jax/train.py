@@ -27,13 +27,16 @@ a prompt file, the embedded digits world, or a module of your own.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,9 +47,9 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-from conversion.errors import InputError
+from conversion.errors import InputError, shorten
 from conversion.safetensors_io import read_json, weights_fingerprint
 from flowsteer_jax import cli, parallel
 from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
@@ -144,8 +147,11 @@ def check_workdir(workdir: str) -> None:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
         raise InputError(f"--workdir={workdir}: cannot create the folder ({e.strerror})") from e
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise InputError(f"--workdir={workdir}: the folder is not writable")
+    try:  # a real write: os.access says yes to root in a read-only folder and knows nothing of quotas
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise InputError(f"--workdir={workdir}: cannot write in the folder ({e.strerror})") from e
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -205,9 +211,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     elif resume_step >= 0:
         raise CheckpointError(f"checkpoint.resume_step={resume_step}, but {ckpt.directory} holds no checkpoint")
     loader = PromptLoader(len(world.prompts), batch_size, position=position, **loader_kw)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+    if is_main:  # through a rename: a full disk mid-write leaves the previous run's config.json whole
+        path = os.path.join(workdir, "config.json")
+        with open(f"{path}.tmp-{os.getpid()}", "w") as f:
             json.dump(config_json, f, indent=2)
+        os.replace(f.name, path)
 
     cache = None
     if config.data.cache_embeddings:
@@ -381,11 +389,54 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(code)
 
 
+def _find_node(node: ConfigDict, target: ConfigDict, prefix: tuple = ()) -> tuple | None:
+    """The key path of `target` inside `node` (by identity), or None."""
+    if node is target:
+        return prefix
+    for k, v in node.items():
+        found = _find_node(v, target, (*prefix, k)) if isinstance(v, ConfigDict) else None
+        if found is not None:
+            return found
+    return None
+
+
+def config_file_problem(spec: str) -> str | None:
+    """Run the `--config` file `spec` (`path[:args]`) again, and name what its `get_config` cannot set by the full
+    key path and the file's line: ml_collections' own error is a traceback that names only the leaf."""
+    path, *args = spec.split(":")
+    module_spec = importlib.util.spec_from_file_location("_flowsteer_config_check", path)
+    try:
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        module.get_config(*args)
+    except Exception as e:  # noqa: BLE001  (whatever the user's file raises is reported in one line)
+        frames = [(f, n) for f, n in traceback.walk_tb(e.__traceback__)]
+        lines = [n for f, n in frames if os.path.abspath(f.f_code.co_filename) == os.path.abspath(path)]
+        where = f"{path} line {lines[-1]}" if lines else path
+        # ml_collections' ConfigDict.__setitem__(self, key, value) raised: find `self` in the file's configs.
+        setter = next((f.f_locals for f, _ in reversed(frames) if isinstance(f.f_locals.get("self"), ConfigDict)), {})
+        if "key" not in setter:
+            return f"{where}: {type(e).__name__}: {shorten(e)}"
+        roots = [v for f, _ in frames for v in f.f_locals.values() if isinstance(v, ConfigDict)]
+        prefix = next((p for p in (_find_node(r, setter["self"]) for r in roots) if p is not None), ())
+        key = ".".join(map(str, (*prefix, setter["key"])))
+        if "value" not in setter or setter["key"] not in setter["self"]:
+            return f"{where}: {key}: {shorten(e)}"
+        new, old = setter["value"], setter["self"][setter["key"]]
+        return f"{where}: {key}={shorten(repr(new))} is {type(new).__name__}, not {type(old).__name__}"
+    return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a mistyped or ill-typed `--config.` override reported in one line (exit code 2)."""
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        problem = config_file_problem(config) if config and "parsing config file" in str(e) else None
+        if problem is not None:
+            print(f"{PROG}: bad flag: --config={config}: {problem}", file=sys.stderr)
+            sys.exit(2)
         msg = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split()).strip("'\" ")
         typo = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', msg)
         if typo:

@@ -338,12 +338,12 @@ def validate_model(
     linears = linear_modules(tc)
     missing = unmatched_targets(linears, tuple(config.lora.targets))
     if missing:
-        out.append(f"lora.targets {shorten(missing)} match no Linear layer of the transformer in {source}")
+        out.append(f"lora.targets {shorten(missing)} match no Linear layer of the transformer")
     depth = tc["num_layers"]
     if uses_discriminator(config):
         blocks = int(config.disc.num_blocks)
         if blocks > depth:
-            out.append(f"disc.num_blocks={blocks} must be <= the transformer's num_layers={depth} ({source})")
+            out.append(f"disc.num_blocks={blocks} must be <= the transformer's num_layers={depth}")
         elif config.disc.trunk == "lora":
             trunk = [n for n in linears if n.startswith("transformer_blocks.") and int(n.split(".")[1]) < blocks]
             missing = unmatched_targets(trunk, tuple(config.lora.targets))
@@ -362,4 +362,4 @@ def validate_model(
     if c != tc["in_channels"]:
         out.append(f"{latent}: C must be in_channels={tc['in_channels']}")
     if out:
-        raise InputError(f"bad config for the model in {source}: " + "; ".join(out))
+        raise InputError(f"bad config for the model of {source}: " + "; ".join(out))
