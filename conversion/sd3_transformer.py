@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from conversion.errors import shorten
 from conversion.safetensors_io import ConversionError, read_json
 from conversion.table import Entry
 
@@ -41,10 +42,10 @@ def normalize_config(raw: Mapping[str, Any], source: str = "config") -> dict[str
         cfg["out_channels"] = cfg["in_channels"]
     # A wrong-typed field ("num_layers": "24") would otherwise fail deep inside the model build, naming nothing.
     sizes = [k for k, v in DEFAULTS.items() if isinstance(v, int)]
-    bad = [f"{k}={cfg[k]!r}" for k in sizes if not (type(cfg[k]) is int and cfg[k] >= 1)]
+    bad = [f"{k}={shorten(repr(cfg[k]))}" for k in sizes if not (type(cfg[k]) is int and cfg[k] >= 1)]
     layers = cfg["dual_attention_layers"] or ()
     if not isinstance(layers, list | tuple) or not all(type(i) is int and i >= 0 for i in layers):
-        bad.append(f"dual_attention_layers={layers!r}")
+        bad.append(f"dual_attention_layers={shorten(repr(layers))}")
     if bad:
         raise ConversionError(
             f"{source}: {', '.join(bad)}: sizes must be positive integers, dual_attention_layers a list of indices"
@@ -58,8 +59,6 @@ def normalize_config(raw: Mapping[str, Any], source: str = "config") -> dict[str
         )
     if cfg["qk_norm"] not in (None, "rms_norm"):
         raise ConversionError(f"{source}: qk_norm={cfg['qk_norm']!r} is not supported (None or 'rms_norm')")
-    if not cfg["pos_embed_max_size"]:
-        raise ConversionError(f"{source}: pos_embed_max_size must be set (every SD3 checkpoint sets it)")
     return cfg
 
 

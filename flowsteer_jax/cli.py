@@ -21,7 +21,9 @@ Imports absl and `conversion.errors` only: programs that must stay torch- or jax
 from __future__ import annotations
 
 import errno
+import logging
 import math
+import os
 import re
 import sys
 import types
@@ -53,17 +55,31 @@ def error(prog: str, message: object) -> int:
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# How libraries that do not raise OSError say it (orbax's tensorstore: a ValueError "... No space left on device").
+DISK_FULL_TEXT = tuple(os.strerror(n) for n in DISK_FULL)
 
 
-def disk_full(e: BaseException) -> OSError | None:
-    """The `OSError` "no space left" (or over quota) that `e` is or was raised from (orbax and others wrap it)."""
+def disk_full(e: BaseException) -> str | None:
+    """What `e` says about a full disk (or a quota), where it is or was raised from one; None otherwise."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return e
+            return f"writing {e.filename}: {e.strerror}" if e.filename else str(e.strerror)
+        if any(text in str(e) for text in DISK_FULL_TEXT):
+            return shorten(" ".join(str(e).split()), 400)
         e = e.__cause__ or e.__context__
     return None
+
+
+class DiskFullFilter(logging.Filter):
+    """Drops the log records of a full disk (orbax logs each failed background write with its traceback): the
+    program reports it once, in one line (`report`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info and record.exc_info[1] is not None else None
+        full = (error is not None and disk_full(error)) or any(t in record.getMessage() for t in DISK_FULL_TEXT)
+        return not full
 
 
 def report(prog: str, e: BaseException) -> int | None:
@@ -72,8 +88,7 @@ def report(prog: str, e: BaseException) -> int | None:
         return error(prog, e)
     full = disk_full(e)
     if full is not None:
-        where = f"writing {full.filename}: " if full.filename else ""
-        return error(prog, f"{where}{full.strerror or 'no space left on device'}; free some space and run again")
+        return error(prog, f"{full}; free some space and run again")
     return None
 
 

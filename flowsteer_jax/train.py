@@ -131,11 +131,14 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def latent_shape_of(config: ml_collections.ConfigDict, world: World, tc: dict) -> tuple[int, int, int]:
-    """The world's, else `model.latent_shape`, else the transformer config's (`tc`) sample_size square."""
+def latent_shape_of(
+    config: ml_collections.ConfigDict, world: World, tc: dict, source: str = "config.json"
+) -> tuple[int, int, int]:
+    """The world's, else `model.latent_shape`, else the transformer config's (`tc`, from `source`) sample_size
+    square."""
     if world.latent_shape is not None:
         return tuple(world.latent_shape)
-    return config_latent_shape(config, tc)
+    return config_latent_shape(config, tc, source)
 
 
 def check_workdir(workdir: str) -> None:
@@ -172,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     world = make_world(config, workdir)
     config_path = os.path.join(world.transformer_folder, "config.json")
     transformer_config = read_json(config_path, "transformer config")  # as the file has it: the checkpoint's meta
-    latent_shape = latent_shape_of(config, world, transformer_config)
+    latent_shape = latent_shape_of(config, world, transformer_config, config_path)
     validate_model(config, transformer_config, latent_shape, config_path)  # the SD3 world checked before its encoders
     if config.distill.start_points == "interpolate" and world.x0 is None:
         raise InputError("distill.start_points='interpolate' (PeRFlow) needs data latents; this world has prompts only")
@@ -371,6 +374,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     # Orbax and absl log every checkpoint step at INFO; keep ours at INFO and theirs at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").addFilter(cli.DiskFullFilter())  # a full disk: our one line, not orbax's tracebacks
     logging.getLogger("flowsteer_jax").setLevel(logging.INFO)
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None:
@@ -405,12 +409,14 @@ def config_file_problem(spec: str) -> str | None:
     key path and the file's line: ml_collections' own error is a traceback that names only the leaf."""
     path, *args = spec.split(":")
     module_spec = importlib.util.spec_from_file_location("_flowsteer_config_check", path)
+    if module_spec is None:  # not a Python file: absl's own message says so
+        return None
     try:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         module.get_config(*args)
     except Exception as e:  # noqa: BLE001  (whatever the user's file raises is reported in one line)
-        frames = [(f, n) for f, n in traceback.walk_tb(e.__traceback__)]
+        frames = list(traceback.walk_tb(e.__traceback__))
         lines = [n for f, n in frames if os.path.abspath(f.f_code.co_filename) == os.path.abspath(path)]
         where = f"{path} line {lines[-1]}" if lines else path
         # ml_collections' ConfigDict.__setitem__(self, key, value) raised: find `self` in the file's configs.

@@ -6,6 +6,7 @@ imports). `validate(config)` itself is unit-tested at the end.
 
 import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -285,6 +286,10 @@ def test_wrong_typed_transformer_config_field_names_file_and_key():
         normalize_config({"num_layers": "2"}, "cfg.json")
     with pytest.raises(ConversionError, match=r"dual_attention_layers='01'"):
         normalize_config({"dual_attention_layers": "01"}, "cfg.json")
+    c = default_config()
+    c.model.latent_shape = ()  # read from the transformer's config: the first place that reads it names the file
+    with pytest.raises(ConversionError, match=r"^t/config.json: num_layers='2'"):
+        config_latent_shape(c, {"num_layers": "2"}, "t/config.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,6 +371,20 @@ def test_full_disk_is_one_line_also_when_wrapped(capsys):
         assert cli.run("prog", main) == 2
         err = capsys.readouterr().err.strip()
         assert err == "prog: error: writing /run/ckpt/state: No space left on device; free some space and run again"
+
+    def tensorstore():  # how orbax reports it: a ValueError, no OSError
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/run/x": No space left on device [28]')
+
+    assert cli.run("prog", tensorstore) == 2
+    assert capsys.readouterr().err.strip().endswith("No space left on device [28]; free some space and run again")
+    logger = logging.getLogger("test_cli_errors.full")
+    logger.addFilter(cli.DiskFullFilter())
+    with pytest.raises(ValueError) as info:
+        tensorstore()
+    assert not logger.filter(
+        logger.makeRecord("x", logging.ERROR, "f", 1, "failed", (), (ValueError, info.value, None))
+    )
+    assert logger.filter(logger.makeRecord("x", logging.ERROR, "f", 1, "another failure", (), None))
 
     def other():
         raise OSError(errno.EIO, "I/O error")

@@ -315,11 +315,14 @@ def validate_batch(config: ml_collections.ConfigDict, batch_devices: int, proces
         )
 
 
-def config_latent_shape(config: ml_collections.ConfigDict, transformer_config: dict) -> tuple[int, int, int]:
-    """`model.latent_shape`, else the transformer config's `sample_size` square with its `in_channels`."""
+def config_latent_shape(
+    config: ml_collections.ConfigDict, transformer_config: dict, source: str = "config.json"
+) -> tuple[int, int, int]:
+    """`model.latent_shape`, else the transformer config's (from the file `source`) `sample_size` square with its
+    `in_channels`."""
     if tuple(config.model.latent_shape):
         return tuple(int(v) for v in config.model.latent_shape)
-    tc = normalize_config(transformer_config)
+    tc = normalize_config(transformer_config, source)
     return (int(tc["sample_size"]), int(tc["sample_size"]), int(tc["in_channels"]))
 
 

@@ -37,7 +37,8 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
     # And what the transformer's config.json decides (LoRA targets, D depth, latent shape), before the encoders load.
     config_path = os.path.join(path, "transformer", "config.json")
     transformer_config = read_json(config_path, "transformer config")
-    validate_model(config, transformer_config, config_latent_shape(config, transformer_config), config_path)
+    latent_shape = config_latent_shape(config, transformer_config, config_path)
+    validate_model(config, transformer_config, latent_shape, config_path)
     if not config.data.prompts:
         raise InputError("data.prompts is empty: set --config.data.prompts to a .txt, .jsonl or .parquet prompt file")
     try:
