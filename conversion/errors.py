@@ -14,3 +14,20 @@ class InputError(ValueError):
 
 class ConversionError(InputError):
     """A checkpoint does not match what its config implies. The message names every offending key and file."""
+
+
+SHORT = 200  # characters of a value that a message or log line quotes
+
+
+def shorten(value: object, limit: int = SHORT) -> str:
+    """`str(value)` cut to about `limit` characters, saying how much was left out.
+
+    Messages and logs quote user values (a prompt, a key list, a config value); a 100k-character one must not
+    become a 100k-character line.
+    """
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    head = text[: limit - limit // 4]
+    tail = text[-(limit // 8) :]
+    return f"{head}...[{len(text) - len(head) - len(tail)} characters left out]...{tail}"

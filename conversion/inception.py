@@ -16,10 +16,8 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-from safetensors import safe_open
-
 from conversion.errors import ConversionError
-from conversion.safetensors_io import Checkpoint
+from conversion.safetensors_io import Checkpoint, open_safetensors
 from conversion.table import Entry, check_checkpoint
 
 SOURCE = "pytorch-fid's fid_inception_v3() state dict"
@@ -161,14 +159,11 @@ def open_weights(path: str) -> Checkpoint:
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such file")
     files, shapes = {}, {}
-    try:
-        with safe_open(path, framework="np") as f:
-            for key in f.keys():
-                if key not in SKIPPED:
-                    files[key] = path
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-    except Exception as e:  # noqa: BLE001  (safetensors raises several types for a bad header; the cause is kept)
-        raise ConversionError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    with open_safetensors(path) as f:
+        for key in f.keys():
+            if key not in SKIPPED:
+                files[key] = path
+                shapes[key] = tuple(f.get_slice(key).get_shape())
     ckpt = Checkpoint(folder=path, files=files, shapes=shapes)
     check_checkpoint(ckpt, param_table(), SOURCE)
     return ckpt

@@ -7,6 +7,7 @@ materialised as a full fp32 copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,12 +16,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from conversion.errors import ConversionError
 
-__all__ = ["Checkpoint", "ConversionError", "open_checkpoint", "save_checkpoint", "weights_fingerprint"]
+__all__ = [
+    "Checkpoint",
+    "ConversionError",
+    "open_checkpoint",
+    "open_safetensors",
+    "save_checkpoint",
+    "weights_fingerprint",
+]
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str) -> Iterator[Any]:
+    """`safe_open(path, framework="np")`: a truncated, corrupt or unreadable file is one ConversionError naming it
+    (safetensors' own error names no file). Every reader of safetensors files opens them here."""
+    try:
+        with safe_open(path, framework="np") as f:
+            yield f
+    except (SafetensorError, OSError, ValueError) as e:  # ValueError: a dtype numpy cannot hold
+        raise ConversionError(f"{path}: not a readable safetensors file, truncated or corrupt? ({e})") from e
 
 
 def read_json(path: str, what: str) -> Any:
@@ -51,7 +70,7 @@ class Checkpoint:
     def load(self, key: str) -> np.ndarray:
         # Open per read: a handle kept open keeps its whole shard mapped, and peak RSS would grow with every
         # shard touched instead of staying near one tensor.
-        with safe_open(self.files[key], framework="np") as f:
+        with open_safetensors(self.files[key]) as f:
             return f.get_tensor(key)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -97,7 +116,7 @@ def open_checkpoint(folder: str) -> Checkpoint:
         weight_map = None
         paths = single
     for path in paths:
-        with safe_open(path, framework="np") as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 if key in files:
                     problems.append(f"duplicate key {key!r} in {files[key]} and {path}")

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from conversion.errors import shorten
 from conversion.safetensors_io import ConversionError, read_json
 from conversion.table import Entry
 
@@ -39,7 +40,17 @@ def normalize_config(raw: Mapping[str, Any], source: str = "config") -> dict[str
     cfg = {**DEFAULTS, **{k: v for k, v in raw.items() if not k.startswith("_")}}
     if cfg["out_channels"] is None:
         cfg["out_channels"] = cfg["in_channels"]
-    cfg["dual_attention_layers"] = tuple(int(i) for i in cfg["dual_attention_layers"] or ())
+    # A wrong-typed field ("num_layers": "24") would otherwise fail deep inside the model build, naming nothing.
+    sizes = [k for k, v in DEFAULTS.items() if isinstance(v, int)]
+    bad = [f"{k}={shorten(repr(cfg[k]))}" for k in sizes if not (type(cfg[k]) is int and cfg[k] >= 1)]
+    layers = cfg["dual_attention_layers"] or ()
+    if not isinstance(layers, list | tuple) or not all(type(i) is int and i >= 0 for i in layers):
+        bad.append(f"dual_attention_layers={shorten(repr(layers))}")
+    if bad:
+        raise ConversionError(
+            f"{source}: {', '.join(bad)}: sizes must be positive integers, dual_attention_layers a list of indices"
+        )
+    cfg["dual_attention_layers"] = tuple(layers)
     inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     if cfg["caption_projection_dim"] != inner:
         raise ConversionError(
@@ -48,8 +59,6 @@ def normalize_config(raw: Mapping[str, Any], source: str = "config") -> dict[str
         )
     if cfg["qk_norm"] not in (None, "rms_norm"):
         raise ConversionError(f"{source}: qk_norm={cfg['qk_norm']!r} is not supported (None or 'rms_norm')")
-    if not cfg["pos_embed_max_size"]:
-        raise ConversionError(f"{source}: pos_embed_max_size must be set (every SD3 checkpoint sets it)")
     return cfg
 
 
@@ -110,3 +119,9 @@ def param_table(config: Mapping[str, Any]) -> list[Entry]:
     linear("norm_out.linear", d, 2 * d)
     linear("proj_out", d, p * p * c["out_channels"])
     return table
+
+
+def linear_modules(config: Mapping[str, Any]) -> list[str]:
+    """The dotted path of every Linear layer this config builds, from the key table alone (no model, no weights):
+    what LoRA targets are matched against before anything loads."""
+    return [".".join(map(str, e.flax_path[:-1])) for e in param_table(config) if e.kind == "linear"]

@@ -9,15 +9,21 @@ with `parse(define, argv, prog=..., doc=__doc__)`: every call defines them afres
 - a bad flag (unknown, ill-typed, a required one missing, a stray positional argument): one line
   `PROG: bad flag: ...` on stderr, exit code 2 (as the trainer's);
 - the values come back as a namespace (`args.steps`; a dashed name such as `--shard-mb` as `args.shard_mb`);
+- a float flag set to NaN or an infinity: a bad flag too (`--guidance=nan` would otherwise sample unguided);
 - `run(prog, main)`: the project's input errors (`conversion.errors.InputError`: bad config values, paths, files,
-  weights; and missing files) as one line `PROG: error: ...` on stderr, exit code 2; other exceptions (bugs)
-  keep their traceback.
+  weights; and missing files) and a full disk (`OSError` ENOSPC/EDQUOT, also as the cause of another error) as
+  one line `PROG: error: ...` on stderr, exit code 2; other exceptions (bugs) keep their traceback. Raisers cut
+  the long values they quote (`conversion.errors.shorten`); a line is cut at `LINE` characters as a last resort.
 
 Imports absl and `conversion.errors` only: programs that must stay torch- or jax-free can use it.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import math
+import os
 import re
 import sys
 import types
@@ -25,33 +31,76 @@ from collections.abc import Callable, Sequence
 
 from absl import flags
 
-from conversion.errors import InputError
+from conversion.errors import InputError, shorten
 
 # What a program reports in one line (exit code 2) rather than as a traceback.
 INPUT_ERRORS = (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+LINE = 2000  # the longest one-line error a program prints (a 100k-character prompt is cut, not printed)
 
 HELP = ("--help", "-help", "-h", "--helpshort", "--helpfull")
 
 
 def fail(prog: str, message: str) -> None:
     """One line on stderr and exit code 2: a bad flag, as a program reports it."""
-    message = " ".join(str(message).split())
+    message = " ".join(shorten(message, LINE).split())
     print(f"{prog}: bad flag: {message} (see --help)", file=sys.stderr)
     raise SystemExit(2)
 
 
 def error(prog: str, message: object) -> int:
     """One line on stderr for a bad input (not a flag); returns exit code 2."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    print(f"{prog}: error: {' '.join(shorten(message, LINE).split())}", file=sys.stderr)
     return 2
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# How libraries that do not raise OSError say it (orbax's tensorstore: a ValueError "... No space left on device").
+DISK_FULL_TEXT = tuple(os.strerror(n) for n in DISK_FULL)
+
+
+def disk_full(e: BaseException) -> str | None:
+    """What `e` says about a full disk (or a quota), where it is or was raised from one; None otherwise."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return f"writing {e.filename}: {e.strerror}" if e.filename else str(e.strerror)
+        if any(text in str(e) for text in DISK_FULL_TEXT):
+            return shorten(" ".join(str(e).split()), 400)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class DiskFullFilter(logging.Filter):
+    """Drops the log records of a full disk (orbax logs each failed background write with its traceback): the
+    program reports it once, in one line (`report`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info and record.exc_info[1] is not None else None
+        full = (error is not None and disk_full(error)) or any(t in record.getMessage() for t in DISK_FULL_TEXT)
+        return not full
+
+
+def report(prog: str, e: BaseException) -> int | None:
+    """Exit code 2 and one line for an input error or a full disk; None for anything else (a bug: re-raise it)."""
+    if isinstance(e, INPUT_ERRORS):
+        return error(prog, e)
+    full = disk_full(e)
+    if full is not None:
+        return error(prog, f"{full}; free some space and run again")
+    return None
+
+
 def run(prog: str, main: Callable[[], int | None]) -> int:
-    """`main()`, with the project's input errors reported as one line and exit code 2 (`INPUT_ERRORS`)."""
+    """`main()`, with the project's input errors and a full disk reported as one line and exit code 2 (`report`)."""
     try:
         return int(main() or 0)
-    except INPUT_ERRORS as e:
-        return error(prog, e)
+    except Exception as e:
+        code = report(prog, e)
+        if code is None:
+            raise
+        return code
 
 
 def help_text(fv: flags.FlagValues, doc: str | None) -> str:
@@ -86,6 +135,10 @@ def parse(
         missing = re.search(r"Flag --([\w-]+) must have a value other than None", str(e))
         fail(prog, f"--{missing.group(1)} is required" if missing else str(e))
     values = {name.replace("-", "_"): fv[name].value for name in fv}
+    for name in fv:
+        value = fv[name].value
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(prog, f"--{name}={value}: must be a finite number")
     if positional:
         values["positional"] = rest
     elif rest:

@@ -6,7 +6,8 @@ Prompts (`open_prompts(spec, text_column)`, a lazy `PromptSet`): `spec` is a pro
 concatenated in sorted order. Formats, by extension (case-insensitive):
 
 - `.txt`: one prompt per line, UTF-8; trailing whitespace (and the newline) is stripped, blank lines and comment
-  lines (first non-blank character `#`) skipped.
+  lines (first non-blank character `#`) skipped. UTF-16 (NUL bytes, or its byte-order mark) is refused, in `.jsonl`
+  too.
 - `.jsonl`: one JSON object per non-blank line with a string field `text_column` (other fields are ignored).
 - `.parquet`: a `text_column` column of strings (read with pyarrow); no nulls. So is a `datasets` folder's.
 
@@ -105,6 +106,13 @@ class _LineShard:
                     offset += len(raw)
                     if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM (Windows editors)
                         raw, start = raw[3:], start + 3
+                    # UTF-16 without a BOM is valid UTF-8 with a NUL after every ASCII letter: it would train on
+                    # "a\0 \0c\0a\0t".
+                    if b"\x00" in raw or (lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff"))):
+                        raise DataError(
+                            f"{path}: line {lineno} has NUL bytes or a UTF-16 byte-order mark: UTF-16 text? save it "
+                            "as UTF-8"
+                        )
                     text = self._text(raw, lineno)
                     if text is not None:
                         offsets.append(start)

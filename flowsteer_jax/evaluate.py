@@ -213,6 +213,8 @@ def _main(args) -> int:
     if args.digits is not None:
         return _main_digits(args)
     from flowsteer_jax.evaluation.fid import image_files  # imports jax: not at start-up (--help, bad flags)
+    from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
+    from flowsteer_jax.sample import check_sampling
 
     if args.weights is not None and not os.path.isdir(args.weights):
         raise InputError(f"--weights={args.weights}: no such folder")
@@ -227,7 +229,15 @@ def _main(args) -> int:
         raise InputError(f"--metrics={','.join(metrics)} needs --weights=DIR (the upstream weight files)")
     if ("fid" in metrics or "kid" in metrics) and args.ref is None:
         raise InputError("--metrics fid/kid need --ref=IMAGES_DIR (the real images to compare with)")
+    if args.score_batch < 1 or args.limit < 0:
+        raise InputError(f"--score_batch={args.score_batch} must be >= 1 and --limit={args.limit} >= 0")
     specs = _row_specs(args)
+    models = sorted({s["model"] for s in specs if "model" in s})
+    for model in models:  # every sampled model and the sampling flags, before the scorers load
+        skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
+        check_pipeline(model, [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
+    if models:
+        check_sampling(args, models)
     t0 = time.perf_counter()
     scorers = Scorers(metrics, args.weights, batch_size=args.score_batch)
     print(f"loaded {', '.join(metrics)} scorers in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -288,7 +298,7 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
 
     from conversion.errors import ConversionError
     from conversion.safetensors_io import weights_fingerprint
-    from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline, pipeline_component
+    from flowsteer_jax.models.loading import pipeline_component
     from flowsteer_jax.pipeline import SD3Pipeline
     from flowsteer_jax.sample import write_images
 
@@ -320,9 +330,7 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
     if spec["lora"] is not None and not os.path.exists(spec["lora"]):
         raise InputError(f"--lora={spec['lora']}: no such file or folder")
     if pipe is None or pipe[0] != spec["model"]:
-        pipe = None  # one pipeline in memory at a time
-        skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
-        check_pipeline(spec["model"], [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
+        pipe = None  # one pipeline in memory at a time (checked by `_main` before any scorer loaded)
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
         pipe = (spec["model"], SD3Pipeline.from_pretrained(spec["model"], dtype=dtype, t5=not args.no_t5))
     model, sd3 = pipe

@@ -18,6 +18,18 @@ def grid(images: np.ndarray, cols: int, border: int = 2) -> np.ndarray:
     return out
 
 
+def save_png(path: str, image) -> None:
+    """A PIL image to `path` through a temporary sibling and a rename: a full disk or a kill mid-write leaves the
+    old file (if any) whole and no partial file behind."""
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1, border: int = 2) -> np.ndarray:
     """NHWC images in [0, 1] -> one PNG grid, each pixel `scale` x `scale` (written atomically); its RGB uint8 HWC
     pixels back (for TensorBoard)."""
@@ -26,8 +38,5 @@ def save_grid(path: str, images: np.ndarray, cols: int = 4, scale: int = 1, bord
     pixels = np.round(grid(images, cols, border) * 255).astype(np.uint8)
     if scale > 1:
         pixels = pixels.repeat(scale, 0).repeat(scale, 1)
-    img = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    save_png(path, Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
     return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from conversion.errors import InputError
+
 MeshAxes = str | tuple[str, ...] | None
 
 DEFAULT_RULES: dict[str, MeshAxes] = {
@@ -182,8 +184,15 @@ def initialize_distributed(d) -> None:
 
 
 def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """`make_mesh(config.mesh.shape)`; `config` is the distillation ConfigDict (or anything with `.mesh.shape`)."""
-    return make_mesh(tuple(config.mesh.shape), devices)
+    """`make_mesh(config.mesh.shape)`; `config` is the distillation ConfigDict (or anything with `.mesh.shape`).
+
+    A shape the devices cannot fill is the user's `mesh.shape`: an `InputError` naming it."""
+    shape = tuple(config.mesh.shape)
+    try:
+        return make_mesh(shape, devices)
+    except ValueError as e:
+        n = len(jax.devices() if devices is None else devices)
+        raise InputError(f"mesh.shape={shape} does not fit the {n} device(s): {e}") from e
 
 
 def rules_from_config(config) -> dict[str, MeshAxes]:

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,10 +33,13 @@ from absl import flags
 from PIL import Image
 from tqdm import tqdm
 
+from conversion import sd3_transformer
+from conversion import vae as vae_conv
 from conversion.errors import ConversionError, InputError
 from flowsteer_jax import cli
 from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
-from flowsteer_jax.images import save_grid
+from flowsteer_jax.distill.config import MAX_SEQUENCE_LENGTH, SEED_LIMIT
+from flowsteer_jax.images import save_grid, save_png
 from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
 from flowsteer_jax.xla_cpu import use_inference_flags
 
@@ -59,6 +63,32 @@ def read_prompts(arg: str) -> list[str]:
         except DataError as e:
             raise DataError(f"--prompts: {e}") from e
     return [arg]
+
+
+def check_sampling(args, models: Sequence[str]) -> None:
+    """The sampling flags `sample` and `evaluate` share, checked before any model loads: one `InputError` naming
+    each bad flag. `--height`/`--width` must be multiples of each model's VAE factor x patch size (read from the
+    `config.json` files) and within its position table."""
+    bad = [f"--{k}={getattr(args, k)} must be >= 1" for k in ("steps", "batch") if getattr(args, k) < 1]
+    if not 0 <= args.seed < SEED_LIMIT:
+        bad.append(f"--seed={args.seed} must be in [0, {SEED_LIMIT})")
+    if not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        bad.append(f"--max_sequence_length={args.max_sequence_length} must be in [1, {MAX_SEQUENCE_LENGTH}]")
+    sizes = {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
+    bad += [f"--{k}={v} must be >= 1" for k, v in sizes.items() if v < 1]
+    for model in models if sizes and not bad else ():
+        tc, _ = sd3_transformer.read_config(os.path.join(model, "transformer"))
+        vc, _ = vae_conv.read_config(os.path.join(model, "vae"))
+        f, p = 2 ** (len(vc["block_out_channels"]) - 1), tc["patch_size"]
+        largest = tc["pos_embed_max_size"] * f * p
+        for k, v in sizes.items():
+            if v % (f * p) or v > largest:
+                bad.append(
+                    f"--{k}={v} must be a multiple of {f * p} (VAE factor {f} x patch size {p}) up to {largest} "
+                    f"for --model={model}"
+                )
+    if bad:
+        raise InputError("; ".join(bad))
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -97,11 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     if args.lora is not None and not os.path.exists(args.lora):
         raise InputError(f"--lora={args.lora}: no such file or folder")
-    if args.steps < 1 or args.batch < 1:
-        raise InputError(f"--steps={args.steps} and --batch={args.batch} must be >= 1")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
     check_pipeline(args.model, [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
+    check_sampling(args, [args.model])
     from flowsteer_jax.pipeline import SD3Pipeline
 
     os.makedirs(args.out, exist_ok=True)
@@ -154,7 +183,7 @@ def write_images(pipe, prompts: list[str], out: str, *, batch: int, seed: int, d
         images = pipe(padded, seed=seed, first_index=start, output_type="pil", **sampling)
         for i, im in enumerate(images[: len(chunk)]):
             paths.append(os.path.join(out, f"{start + i:05d}.png"))
-            im.save(paths[-1])
+            save_png(paths[-1], im)
     return paths
 
 

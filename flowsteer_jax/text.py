@@ -27,6 +27,7 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh
 
+from conversion.errors import shorten
 from flowsteer_jax.models.loading import TextEncoders, load_text_encoders, pipeline_component
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class SD3PromptEncoder:
         self.joint_attention_dim = joint_attention_dim
         self.tokenizer_max_length = tokenizer.model_max_length
         self._split = [None if m is None else nnx.split(m) for m in encoders]
+        self._truncated: set[str] = set()  # the encoders whose truncation was reported
 
     @classmethod
     def from_pretrained(
@@ -112,9 +114,12 @@ class SD3PromptEncoder:
             prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
         ).input_ids
         longest = tokenizer(prompts, padding="longest", return_tensors="np").input_ids
-        if longest.shape[-1] >= ids.shape[-1] and not np.array_equal(ids, longest):
-            removed = tokenizer.batch_decode(longest[:, max_length - 1 : -1])
-            log.warning("%s: this part of the prompt was truncated at %d tokens: %s", what, max_length, removed)
+        if longest.shape[-1] >= ids.shape[-1] and not np.array_equal(ids, longest) and what not in self._truncated:
+            # Once per encoder, cut: a training run encodes the same long prompts every epoch, and a 100k-character
+            # prompt would print its whole tail at each call.
+            self._truncated.add(what)
+            removed = shorten(tokenizer.batch_decode(longest[:, max_length - 1 : -1]))
+            log.warning("%s: prompts over %d tokens are truncated (said once); cut: %s", what, max_length, removed)
         return ids
 
     def _clip(self, i: int, prompts: list[str], clip_skip: int | None) -> tuple[jax.Array, jax.Array]:

@@ -27,13 +27,16 @@ a prompt file, the embedded digits world, or a module of your own.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,15 +47,15 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-from conversion.errors import InputError
-from conversion.safetensors_io import weights_fingerprint
+from conversion.errors import InputError, shorten
+from conversion.safetensors_io import read_json, weights_fingerprint
 from flowsteer_jax import cli, parallel, tracking
 from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
 from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
-from flowsteer_jax.distill.config import validate, validate_batch
+from flowsteer_jax.distill.config import config_latent_shape, validate, validate_batch, validate_model
 from flowsteer_jax.distill.ota import window_boundaries
 from flowsteer_jax.distill.state import student_lora
 from flowsteer_jax.evaluation.metrics import eval_scorer
@@ -129,13 +132,30 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def latent_shape_of(config: ml_collections.ConfigDict, world: World, tc: dict) -> tuple[int, int, int]:
-    """The world's, else `model.latent_shape`, else the transformer config's (`tc`) sample_size square."""
+def latent_shape_of(
+    config: ml_collections.ConfigDict, world: World, tc: dict, source: str = "config.json"
+) -> tuple[int, int, int]:
+    """The world's, else `model.latent_shape`, else the transformer config's (`tc`, from `source`) sample_size
+    square."""
     if world.latent_shape is not None:
         return tuple(world.latent_shape)
-    if tuple(config.model.latent_shape):
-        return tuple(int(v) for v in config.model.latent_shape)
-    return (int(tc["sample_size"]), int(tc["sample_size"]), int(tc["in_channels"]))
+    return config_latent_shape(config, tc, source)
+
+
+def check_workdir(workdir: str) -> None:
+    """`workdir` is (or can be made) a folder this process can write: one `InputError` naming it, not a traceback
+    from the first checkpoint or log written minutes later."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise InputError(f"--workdir={workdir}: exists and is not a folder")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--workdir={workdir}: cannot create the folder ({e.strerror})") from e
+    try:  # a real write: os.access says yes to root in a read-only folder and knows nothing of quotas
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise InputError(f"--workdir={workdir}: cannot write in the folder ({e.strerror})") from e
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -153,11 +173,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     n_batch = int(np.prod([mesh.shape[a] for a in np.atleast_1d(rules.get("batch") or ()) if a]))
     batch_size, procs = int(config.train.batch_size), jax.process_count()
     validate_batch(config, n_batch, procs)
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     world = make_world(config, workdir)
-    with open(os.path.join(world.transformer_folder, "config.json")) as f:
-        transformer_config = json.load(f)
-    latent_shape = latent_shape_of(config, world, transformer_config)
+    config_path = os.path.join(world.transformer_folder, "config.json")
+    transformer_config = read_json(config_path, "transformer config")  # as the file has it: the checkpoint's meta
+    latent_shape = latent_shape_of(config, world, transformer_config, config_path)
+    validate_model(config, transformer_config, latent_shape, config_path)  # the SD3 world checked before its encoders
     if config.distill.start_points == "interpolate" and world.x0 is None:
         raise InputError("distill.start_points='interpolate' (PeRFlow) needs data latents; this world has prompts only")
 
@@ -195,9 +216,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     elif resume_step >= 0:
         raise CheckpointError(f"checkpoint.resume_step={resume_step}, but {ckpt.directory} holds no checkpoint")
     loader = PromptLoader(len(world.prompts), batch_size, position=position, **loader_kw)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+    if is_main:  # through a rename: a full disk mid-write leaves the previous run's config.json whole
+        path = os.path.join(workdir, "config.json")
+        with open(f"{path}.tmp-{os.getpid()}", "w") as f:
             json.dump(config_json, f, indent=2)
+        os.replace(f.name, path)
 
     cache = None
     if config.data.cache_embeddings:
@@ -350,6 +373,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     # Orbax and absl log every checkpoint step at INFO; keep ours at INFO and theirs at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").addFilter(cli.DiskFullFilter())  # a full disk: our one line, not orbax's tracebacks
     logging.getLogger("flowsteer_jax").setLevel(logging.INFO)
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None:
@@ -361,8 +385,51 @@ def main(argv: Sequence[str]) -> None:
     except TrainingAborted as e:
         print(f"training aborted: {e}", file=sys.stderr)
         sys.exit(3)
-    except cli.INPUT_ERRORS as e:  # a bad config value, path or file: one line, no traceback
-        sys.exit(cli.error(PROG, e))
+    except Exception as e:  # a bad config value, path or file, a full disk: one line, no traceback
+        code = cli.report(PROG, e)
+        if code is None:
+            raise
+        sys.exit(code)
+
+
+def _find_node(node: ConfigDict, target: ConfigDict, prefix: tuple = ()) -> tuple | None:
+    """The key path of `target` inside `node` (by identity), or None."""
+    if node is target:
+        return prefix
+    for k, v in node.items():
+        found = _find_node(v, target, (*prefix, k)) if isinstance(v, ConfigDict) else None
+        if found is not None:
+            return found
+    return None
+
+
+def config_file_problem(spec: str) -> str | None:
+    """Run the `--config` file `spec` (`path[:args]`) again, and name what its `get_config` cannot set by the full
+    key path and the file's line: ml_collections' own error is a traceback that names only the leaf."""
+    path, *args = spec.split(":")
+    module_spec = importlib.util.spec_from_file_location("_flowsteer_config_check", path)
+    if module_spec is None:  # not a Python file: absl's own message says so
+        return None
+    try:
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        module.get_config(*args)
+    except Exception as e:  # noqa: BLE001  (whatever the user's file raises is reported in one line)
+        frames = list(traceback.walk_tb(e.__traceback__))
+        lines = [n for f, n in frames if os.path.abspath(f.f_code.co_filename) == os.path.abspath(path)]
+        where = f"{path} line {lines[-1]}" if lines else path
+        # ml_collections' ConfigDict.__setitem__(self, key, value) raised: find `self` in the file's configs.
+        setter = next((f.f_locals for f, _ in reversed(frames) if isinstance(f.f_locals.get("self"), ConfigDict)), {})
+        if "key" not in setter:
+            return f"{where}: {type(e).__name__}: {shorten(e)}"
+        roots = [v for f, _ in frames for v in f.f_locals.values() if isinstance(v, ConfigDict)]
+        prefix = next((p for p in (_find_node(r, setter["self"]) for r in roots) if p is not None), ())
+        key = ".".join(map(str, (*prefix, setter["key"])))
+        if "value" not in setter or setter["key"] not in setter["self"]:
+            return f"{where}: {key}: {shorten(e)}"
+        new, old = setter["value"], setter["self"][setter["key"]]
+        return f"{where}: {key}={shorten(repr(new))} is {type(new).__name__}, not {type(old).__name__}"
+    return None
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -370,6 +437,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        problem = config_file_problem(config) if config and "parsing config file" in str(e) else None
+        if problem is not None:
+            print(f"{PROG}: bad flag: --config={config}: {problem}", file=sys.stderr)
+            sys.exit(2)
         msg = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split()).strip("'\" ")
         typo = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', msg)
         if typo:

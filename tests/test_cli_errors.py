@@ -4,15 +4,32 @@ Every case runs the real CLI in a subprocess and must fail before any model load
 imports). `validate(config)` itself is unit-tested at the end.
 """
 
+import errno
+import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import types
 
+import jax
 import pytest
+from absl import flags
+from PIL import Image
+from transformers import CLIPTokenizer
 
-from conversion.errors import InputError
-from flowsteer_jax.distill.config import default_config, validate, validate_batch
+from conversion.errors import ConversionError, InputError, shorten
+from conversion.safetensors_io import Checkpoint, open_checkpoint
+from conversion.sd3_transformer import normalize_config
+from flowsteer_jax import cli, parallel
+from flowsteer_jax.data import DataError, load_prompts
+from flowsteer_jax.distill.config import config_latent_shape, default_config, validate, validate_batch, validate_model
+from flowsteer_jax.images import save_png
+from flowsteer_jax.sample import check_sampling
+from flowsteer_jax.text import SD3PromptEncoder
+from flowsteer_jax.train import check_workdir, config_file_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,6 +92,15 @@ CASES = [
      ["--model=", "nothere", "no such folder"]),
     ("sample_model_without_vae", lambda f: _sample(f, f"--model={f['base']}/novae", "--prompts=a cat"),
      ["--model=", "missing vae/"]),
+    # Checks that need the transformer's config.json, made before any encoder or transformer loads.
+    ("lora_targets_match_nothing", lambda f: _train(f, "--config.lora.targets=('to_qq',)"),
+     ["lora.targets ['to_qq'] match no Linear layer", "transformer/config.json"]),
+    ("sample_guidance_nan", lambda f: _sample(f, f"--model={f['tiny']}", "--prompt=a cat", "--guidance=nan"),
+     ["--guidance=nan: must be a finite number"]),
+    ("evaluate_batch_0",
+     lambda f: ["flowsteer_jax.evaluate", f"--model={f['tiny']}", f"--prompts={f['base']}/comments.txt",
+                "--metrics=clip", f"--weights={f['base']}", "--batch=0"],
+     ["--batch=0 must be >= 1"]),
 ]  # fmt: skip
 
 
@@ -90,7 +116,7 @@ def test_bad_input_is_one_line_and_exit_code_2(files, tmp_path, argv, expected):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert lines[0].startswith(f"{argv[0]}: error: "), lines[0]
+    assert lines[0].startswith((f"{argv[0]}: error: ", f"{argv[0]}: bad flag: ")), lines[0]
     for fragment in expected:
         assert fragment in lines[0], (fragment, lines[0])
     assert not os.path.exists(tmp_path / "out")  # nothing written before the check
@@ -195,3 +221,242 @@ def test_wandb_without_the_package_is_one_input_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError, match=r"log.wandb=True, but the wandb package is not installed"):
         tracking.check(c)
+
+
+@pytest.mark.parametrize(
+    "values,fragment",
+    [
+        ({"seed": 2**32}, "seed=4294967296 must be < 4294967296"),  # PRNGKey(2**32) == PRNGKey(0) without x64
+        ({"eval__seed": 2**40}, "eval.seed=1099511627776 must be < 4294967296"),
+        ({"data__negative_prompt": None}, "data.negative_prompt=None must be a string"),
+        ({"data__max_sequence_length": 513}, "data.max_sequence_length=513 must be < 513"),
+        ({"lora__targets": ("to_q", "")}, "lora.targets=('to_q', '') must be a tuple of dotted layer names"),
+    ],
+)
+def test_validate_names_the_key_new_checks(values, fragment):
+    message = _bad(**values)
+    assert fragment in message, message
+
+
+def test_long_values_are_cut_in_messages():
+    assert shorten("x" * 50) == "x" * 50
+    cut = shorten("a" * 100_000)
+    assert len(cut) < 250 and "characters left out" in cut
+    message = _bad(eval__metrics="m" * 100_000, eval__prompts=("p" * 100_000, 3))
+    assert len(message) < 1000 and "eval.metrics=" in message and "eval.prompts=" in message, message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validate_model: what the transformer's config.json decides, checked before any model loads
+
+
+def _model_problem(files, **values) -> str:
+    c = default_config()
+    c.model.latent_shape = ()
+    for key, value in values.items():
+        *parents, leaf = key.split("__")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    path = os.path.join(files["tiny"], "transformer", "config.json")
+    with open(path) as f:
+        tc = json.load(f)
+    with pytest.raises(InputError) as info:
+        validate_model(c, tc, config_latent_shape(c, tc), path)
+    assert path in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "values,fragment",
+    [
+        ({"lora__targets": ("to_q", "to_qq")}, "lora.targets ['to_qq'] match no Linear layer of the transformer"),
+        ({"disc__num_blocks": 5}, "disc.num_blocks=5 must be <= the transformer's num_layers=2"),
+        ({"model__latent_shape": (15, 16, 16)}, "(15, 16, 16) (model.latent_shape): H and W must divide by"),
+        ({"model__latent_shape": (16, 16, 4)}, "C must be in_channels=16"),
+        ({"model__latent_shape": (64, 64, 16)}, "more than pos_embed_max_size=16 patches"),
+    ],
+)
+def test_validate_model_names_the_key(files, values, fragment):
+    message = _model_problem(files, **values)
+    assert fragment in message, message
+
+
+def test_validate_model_accepts_the_tiny_config_and_checks_a_lora_trunk(files):
+    c = default_config()
+    c.model.latent_shape, c.disc.num_blocks, c.disc.trunk = (), 2, "lora"
+    with open(os.path.join(files["tiny"], "transformer", "config.json")) as f:
+        tc = json.load(f)
+    validate_model(c, tc, config_latent_shape(c, tc))
+    # attn2 only in block 1: the student has it, a one-block LoRA trunk of D does not
+    c.disc.num_blocks, c.lora.targets, tc["dual_attention_layers"] = 1, ("attn2.to_q",), [1]
+    with pytest.raises(InputError, match=r"\['attn2.to_q'\] match no Linear layer of the discriminator's trunk"):
+        validate_model(c, tc, config_latent_shape(c, tc))
+
+
+def test_mesh_that_the_devices_cannot_fill_names_mesh_shape():
+    c = default_config()
+    c.mesh.shape = (3, 1, 1)
+    with pytest.raises(InputError, match=r"mesh.shape=\(3, 1, 1\) does not fit the 1 device"):
+        parallel.mesh_from_config(c, jax.devices()[:1])
+
+
+def test_wrong_typed_transformer_config_field_names_file_and_key():
+    with pytest.raises(ConversionError, match=r"cfg.json: num_layers='2'.*positive integers"):
+        normalize_config({"num_layers": "2"}, "cfg.json")
+    with pytest.raises(ConversionError, match=r"dual_attention_layers='01'"):
+        normalize_config({"dual_attention_layers": "01"}, "cfg.json")
+    c = default_config()
+    c.model.latent_shape = ()  # read from the transformer's config: the first place that reads it names the file
+    with pytest.raises(ConversionError, match=r"^t/config.json: num_layers='2'"):
+        config_latent_shape(c, {"num_layers": "2"}, "t/config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files: corrupt weights, UTF-16 prompts, the workdir, the config file
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors_names_the_file(files, tmp_path, damage):
+    folder = tmp_path / "transformer"
+    shutil.copytree(os.path.join(files["tiny"], "transformer"), folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not safetensors" * 9, "empty": b""}[damage])
+    with pytest.raises(ConversionError, match="diffusion_pytorch_model.safetensors: not a readable safetensors"):
+        open_checkpoint(str(folder))
+    with pytest.raises(ConversionError, match="diffusion_pytorch_model.safetensors: not a readable safetensors"):
+        Checkpoint(str(folder), {"k": str(weights)}).load("k")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16"])  # without a BOM, and with one
+def test_utf16_prompt_file_is_refused(tmp_path, encoding):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a red fox\na blue cat\n".encode(encoding))
+    with pytest.raises(DataError, match=r"prompts.txt: line 1 has NUL bytes or a UTF-16 byte-order mark"):
+        load_prompts(str(path))
+
+
+def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"--workdir=.*file: exists and is not a folder"):
+        check_workdir(str(tmp_path / "file"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # root may write anywhere: simulate the refusal
+    with pytest.raises(InputError, match=r"--workdir=.*run: cannot write in the folder \(Permission denied\)"):
+        check_workdir(str(tmp_path / "run"))
+
+
+def test_wrong_typed_value_in_a_config_file_names_the_full_key_and_line(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from flowsteer_jax.distill.config import default_config\n\n\ndef get_config():\n"
+        "    c = default_config()\n    c.optim.lora.update(lr='fast')\n    return c\n"
+    )
+    assert config_file_problem(str(path)) == f"{path} line 6: optim.lora.lr='fast' is str, not float"
+    assert config_file_problem(os.path.join(ROOT, "configs", "tiny.py")) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flags, a full disk, sampling ranges, the text encoders' truncation warning
+
+
+def _define_floats(fv):
+    flags.DEFINE_float("guidance", 0.0, "", flag_values=fv)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_float_flags_refuse_nan_and_infinity(capsys, value):
+    with pytest.raises(SystemExit) as info:
+        cli.parse(_define_floats, [f"--guidance={value}"], prog="prog")
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(f"prog: bad flag: --guidance={value}: must be a finite number")
+    assert cli.parse(_define_floats, ["--guidance=7.5"], prog="prog").guidance == 7.5
+
+
+def test_full_disk_is_one_line_also_when_wrapped(capsys):
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "/run/ckpt/state")
+
+    def wrapped():
+        try:
+            full()
+        except OSError as e:
+            raise RuntimeError("orbax: save failed") from e
+
+    for main in (full, wrapped):
+        assert cli.run("prog", main) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "prog: error: writing /run/ckpt/state: No space left on device; free some space and run again"
+
+    def tensorstore():  # how orbax reports it: a ValueError, no OSError
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "/run/x": No space left on device [28]')
+
+    assert cli.run("prog", tensorstore) == 2
+    assert capsys.readouterr().err.strip().endswith("No space left on device [28]; free some space and run again")
+    logger = logging.getLogger("test_cli_errors.full")
+    logger.addFilter(cli.DiskFullFilter())
+    with pytest.raises(ValueError) as info:
+        tensorstore()
+    assert not logger.filter(
+        logger.makeRecord("x", logging.ERROR, "f", 1, "failed", (), (ValueError, info.value, None))
+    )
+    assert logger.filter(logger.makeRecord("x", logging.ERROR, "f", 1, "another failure", (), None))
+
+    def other():
+        raise OSError(errno.EIO, "I/O error")
+
+    with pytest.raises(OSError):
+        cli.run("prog", other)  # not a user's input: keeps its traceback
+
+
+def test_interrupted_png_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "00000.png")
+    save_png(path, Image.new("RGB", (4, 4), "red"))
+    before = (tmp_path / "00000.png").read_bytes()
+
+    def full(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device", fp)
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError):
+        save_png(path, Image.new("RGB", (4, 4), "blue"))
+    assert (tmp_path / "00000.png").read_bytes() == before and os.listdir(tmp_path) == ["00000.png"]
+
+
+@pytest.mark.parametrize(
+    "flag_values,fragment",
+    [
+        ({"steps": 0}, "--steps=0 must be >= 1"),
+        ({"batch": 0}, "--batch=0 must be >= 1"),
+        ({"seed": -1}, "--seed=-1 must be in [0, 4294967296)"),
+        ({"max_sequence_length": 1000}, "--max_sequence_length=1000 must be in [1, 512]"),
+        ({"height": 0}, "--height=0 must be >= 1"),
+        ({"height": 30}, "--height=30 must be a multiple of 4 (VAE factor 2 x patch size 2) up to 64"),
+        ({"width": 68}, "--width=68 must be a multiple of 4"),
+    ],
+)
+def test_sampling_flag_ranges(files, flag_values, fragment):
+    args = types.SimpleNamespace(
+        **{"steps": 4, "batch": 4, "seed": 0, "max_sequence_length": 256, "height": None, "width": None, **flag_values}
+    )
+    with pytest.raises(InputError) as info:
+        check_sampling(args, [files["tiny"]])
+    assert fragment in str(info.value), str(info.value)
+
+
+def test_long_prompt_truncation_is_reported_once_and_cut(files, caplog):
+    encoder = object.__new__(SD3PromptEncoder)  # only the tokenizing half: no encoder weights needed
+    encoder._truncated = set()
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(files["tiny"], "tokenizer"))
+    with caplog.at_level("WARNING", logger="flowsteer_jax.text"):
+        for _ in range(3):
+            encoder._tokenize(tokenizer, ["a cat " * 1_000], 77, "CLIP (1)")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "flowsteer_jax.text"]
+    assert len(warnings) == 1 and len(warnings[0]) < 400, warnings

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from conversion.safetensors_io import ConversionError
+from conversion.sd3_transformer import linear_modules
 from flowsteer_jax.models.lora import (
     LoRALinear,
     apply_lora,
@@ -18,6 +19,7 @@ from flowsteer_jax.models.lora import (
     set_lora,
     set_lora_enabled,
     split_lora,
+    unmatched_targets,
 )
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 
@@ -170,3 +172,15 @@ def test_set_lora_replaces_all_adapters_and_remove_lora_restores_plain_linears()
     plain = module_at(model, "transformer_blocks.1.attn.to_q")
     assert type(plain) is nnx.Linear and plain.kernel is kernel
     np.testing.assert_array_equal(np.asarray(nnx.merge(*nnx.split(model))(*inputs())), np.asarray(ref))
+
+
+def test_linear_modules_from_config_are_the_models_linears():
+    """The name-only LoRA check (`validate_model`, before any model loads) sees exactly the Linears `apply_lora`
+    sees: `linear_modules(config.json)` equals the built model's `nnx.Linear` paths (dual attention, qk norm)."""
+    model = nnx.eval_shape(lambda: MMDiT(TINY, rngs=nnx.Rngs(0)))
+    built = sorted(".".join(map(str, p)) for p, m in nnx.iter_modules(model) if type(m) is nnx.Linear)
+    assert sorted(linear_modules(TINY.to_diffusers())) == built
+    assert unmatched_targets(built, ("to_q", "attn2.to_q", "net.2", "to_qq", "norm_out.linear")) == [
+        "to_qq",
+        "norm_out.linear",  # outside the transformer blocks (DEFAULT_SCOPE)
+    ]

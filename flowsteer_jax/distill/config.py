@@ -70,6 +70,8 @@ Shape (all keys always present; `configs/` files override values, never add keys
 `validate(config)` checks every value above (ranges, names, `cfg_min <= cfg_max`, ...) without touching a device
 or a file, and raises one `InputError` listing each bad key; the trainer calls it before anything loads.
 `validate_batch(config, batch_devices, processes)` adds what needs the mesh: `train.batch_size` must divide.
+`validate_model(config, transformer_config, latent_shape)` adds what needs the base transformer's `config.json`
+(read before any model loads): the LoRA targets, `disc.num_blocks`, the latent shape against the patch size.
 """
 
 from __future__ import annotations
@@ -79,10 +81,11 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from conversion.errors import InputError
+from conversion.errors import InputError, shorten
+from conversion.sd3_transformer import linear_modules, normalize_config
 from flowsteer_jax.distill.losses import GAN_LOSSES, WINDOW_WEIGHTINGS
 from flowsteer_jax.evaluation.metrics import METRICS
-from flowsteer_jax.models.lora import DEFAULT_TARGETS
+from flowsteer_jax.models.lora import DEFAULT_TARGETS, unmatched_targets
 from flowsteer_jax.parallel import DEFAULT_RULES
 
 EVAL_PROMPTS = (
@@ -163,6 +166,8 @@ def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
     return config.loss.lambda_adv != 0 or config.loss.lambda_fm != 0
 
 
+SEED_LIMIT = 2**32  # PRNGKey keeps 32 bits without jax_enable_x64: seed 2**32 would silently equal seed 0
+MAX_SEQUENCE_LENGTH = 512  # T5's, as diffusers' SD3 pipeline enforces (`check_inputs`)
 DTYPES = ("float32", "bfloat16", "float16")  # what `model.dtype`, `lora.dtype` and `disc.param_dtype` may name
 OPTIM_SCHEDULES = ("constant", "cosine")
 
@@ -189,29 +194,39 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
             node = node[part]
         return node
 
-    def number(key: str, low: float | None = None, *, above: bool = False, integer: bool = False) -> None:
+    def number(
+        key: str, low: float | None = None, *, above: bool = False, integer: bool = False, below: int | None = None
+    ) -> None:
         v = get(key)
         kind = "an integer" if integer else "a number"
         if not _number(v) or (integer and not isinstance(v, int)):
-            out.append(f"{key}={v!r} is not {kind}")
+            out.append(f"{key}={shorten(repr(v))} is not {kind}")
         elif low is not None and (v <= low if above else v < low):
             out.append(f"{key}={v!r} must be {'>' if above else '>='} {low:g}")
+        elif below is not None and v >= below:
+            out.append(f"{key}={v!r} must be < {below}")
 
     def one_of(key: str, allowed: Sequence[str]) -> None:
         v = get(key)
-        if v not in allowed:
-            out.append(f"{key}={v!r} not in {tuple(allowed)!r}")
+        if not isinstance(v, str) or v not in allowed:
+            out.append(f"{key}={shorten(repr(v))} not in {tuple(allowed)!r}")
 
-    number("seed", 0, integer=True)
+    def text(key: str) -> None:
+        v = get(key)
+        if not isinstance(v, str):
+            out.append(f"{key}={shorten(repr(v))} must be a string")
+
+    number("seed", 0, integer=True, below=SEED_LIMIT)
     if not isinstance(config.world, str) or not config.world:
-        out.append(f"world={config.world!r} must name a world ('sd3', 'digits' or a module path)")
+        out.append(f"world={shorten(repr(config.world))} must name a world ('sd3', 'digits' or a module path)")
+    text("model.path")
     one_of("model.preset", ("", *TRANSFORMERS))
     one_of("model.dtype", DTYPES)
     one_of("model.attention", tuple("" if a is None else a for a in ATTENTION_IMPLEMENTATIONS))
     one_of("model.remat_policy", ("", *REMAT_POLICIES))
     shape = tuple(config.model.latent_shape)
     if shape and (len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
-        out.append(f"model.latent_shape={shape!r} must be () or (H, W, C) of positive integers")
+        out.append(f"model.latent_shape={shorten(repr(shape))} must be () or (H, W, C) of positive integers")
     number("train.num_steps", 1, integer=True)
     number("train.batch_size", 1, integer=True)
     number("train.max_bad_steps", 0, integer=True)
@@ -221,19 +236,23 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     number("checkpoint.resume_step", -1, integer=True)
     allow = config.checkpoint.allow_changes
     if isinstance(allow, str) or not all(isinstance(k, str) and k for k in allow):
-        out.append(f"checkpoint.allow_changes={allow!r} must be a tuple of dotted keys, e.g. ('optim.lora.lr',)")
-    number("data.max_sequence_length", 1, integer=True)
+        out.append(
+            f"checkpoint.allow_changes={shorten(repr(allow))} must be a tuple of dotted keys, e.g. ('optim.lora.lr',)"
+        )
+    text("data.prompts")
+    text("data.negative_prompt")
+    number("data.max_sequence_length", 1, integer=True, below=MAX_SEQUENCE_LENGTH + 1)
     if not isinstance(config.data.text_column, str) or not config.data.text_column:
         out.append(f"data.text_column={config.data.text_column!r} must name the prompts' column (e.g. 'prompt')")
     number("data.cache_max_gib", 0, above=True)
     number("eval.every_steps", 0, integer=True)
-    number("eval.seed", 0, integer=True)
+    number("eval.seed", 0, integer=True, below=SEED_LIMIT)
     if isinstance(config.eval.prompts, str) or not all(isinstance(p, str) for p in config.eval.prompts):
-        out.append(f"eval.prompts={config.eval.prompts!r} must be a sequence of strings")
+        out.append(f"eval.prompts={shorten(repr(config.eval.prompts))} must be a sequence of strings")
     metrics = config.eval.metrics
     names = [] if not isinstance(metrics, str) or metrics == "auto" else [m for m in metrics.split(",") if m]
     if not isinstance(metrics, str) or any(m not in METRICS for m in names):
-        out.append(f"eval.metrics={metrics!r} must be 'auto', '' or a comma list of {list(METRICS)}")
+        out.append(f"eval.metrics={shorten(repr(metrics))} must be 'auto', '' or a comma list of {list(METRICS)}")
     number("distributed.num_processes", 1, integer=True)
     number("distributed.process_id", 0, integer=True)
     d = config.distributed
@@ -241,7 +260,10 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
         out.append(f"distributed.process_id={d.process_id} must be < distributed.num_processes={d.num_processes}")
     number("lora.rank", 1, integer=True)
     number("lora.alpha", 0, above=True)
-    if not tuple(config.lora.targets):
+    targets = config.lora.targets
+    if isinstance(targets, str) or not all(isinstance(t, str) and t for t in targets):
+        out.append(f"lora.targets={shorten(repr(targets))} must be a tuple of dotted layer names, e.g. ('to_q',)")
+    elif not tuple(targets):
         out.append("lora.targets=() must name at least one layer")
     one_of("lora.dtype", DTYPES)
 
@@ -298,7 +320,7 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
 
     mesh = tuple(config.mesh.shape)
     if len(mesh) != 3 or not all(isinstance(v, int) and (v >= 1 or v == -1) for v in mesh) or mesh.count(-1) > 1:
-        out.append(f"mesh.shape={mesh!r} must be (data, fsdp, tensor): integers >= 1, at most one -1")
+        out.append(f"mesh.shape={shorten(repr(mesh))} must be (data, fsdp, tensor): integers >= 1, at most one -1")
     return out
 
 
@@ -320,3 +342,56 @@ def validate_batch(config: ml_collections.ConfigDict, batch_devices: int, proces
             f"train.batch_size={batch_size} must divide by the mesh's batch devices ({batch_devices}) and by the "
             f"number of processes ({processes})"
         )
+
+
+def config_latent_shape(
+    config: ml_collections.ConfigDict, transformer_config: dict, source: str = "config.json"
+) -> tuple[int, int, int]:
+    """`model.latent_shape`, else the transformer config's (from the file `source`) `sample_size` square with its
+    `in_channels`."""
+    if tuple(config.model.latent_shape):
+        return tuple(int(v) for v in config.model.latent_shape)
+    tc = normalize_config(transformer_config, source)
+    return (int(tc["sample_size"]), int(tc["sample_size"]), int(tc["in_channels"]))
+
+
+def validate_model(
+    config: ml_collections.ConfigDict,
+    transformer_config: dict,
+    latent_shape: Sequence[int],
+    source: str = "config.json",
+) -> None:
+    """What needs the base transformer's `config.json` (`source` names it), checked before any model loads: the
+    LoRA targets match Linear layers (of the student, and of the discriminator's trunk with `disc.trunk="lora"`),
+    `disc.num_blocks` is at most the depth, and the latent shape fits the patch size, channels and position table.
+    One `InputError` naming each bad key."""
+    tc = normalize_config(transformer_config, source)
+    out: list[str] = []
+    linears = linear_modules(tc)
+    missing = unmatched_targets(linears, tuple(config.lora.targets))
+    if missing:
+        out.append(f"lora.targets {shorten(missing)} match no Linear layer of the transformer")
+    depth = tc["num_layers"]
+    if uses_discriminator(config):
+        blocks = int(config.disc.num_blocks)
+        if blocks > depth:
+            out.append(f"disc.num_blocks={blocks} must be <= the transformer's num_layers={depth}")
+        elif config.disc.trunk == "lora":
+            trunk = [n for n in linears if n.startswith("transformer_blocks.") and int(n.split(".")[1]) < blocks]
+            missing = unmatched_targets(trunk, tuple(config.lora.targets))
+            if missing:
+                out.append(
+                    f"lora.targets {shorten(missing)} match no Linear layer of the discriminator's trunk "
+                    f"(disc.trunk='lora', disc.num_blocks={blocks})"
+                )
+    shape = tuple(latent_shape)
+    (h, w, c), p, table = shape, tc["patch_size"], tc["pos_embed_max_size"]
+    latent = f"latent shape {shape} (model.latent_shape)"
+    if h % p or w % p:
+        out.append(f"{latent}: H and W must divide by the patch size {p}")
+    elif max(h, w) // p > table:
+        out.append(f"{latent}: more than pos_embed_max_size={table} patches of {p} a side")
+    if c != tc["in_channels"]:
+        out.append(f"{latent}: C must be in_channels={tc['in_channels']}")
+    if out:
+        raise InputError(f"bad config for the model of {source}: " + "; ".join(out))

@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
 
 from conversion import clip_model as clip_model_conv
 from conversion import open_clip as open_clip_conv
-from conversion.safetensors_io import Checkpoint, ConversionError
+from conversion.safetensors_io import Checkpoint, ConversionError, open_safetensors
 from flowsteer_jax.models.attention import check_implementation
 from flowsteer_jax.models.config import schema_dataclass
 from flowsteer_jax.models.layers import linear
@@ -243,11 +242,8 @@ def load_open_clip_model(
         config_source = "the open_clip ViT-H-14 config" if config is None else "the open_clip config"
     if not os.path.isfile(path):
         raise ConversionError(f"{path}: no such safetensors file")
-    try:
-        with safe_open(path, framework="np") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001  (safetensors raises several types for a bad header; the cause is kept)
-        raise ConversionError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    with open_safetensors(path) as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     ckpt = open_clip_conv.checkpoint_view(Checkpoint(path, dict.fromkeys(shapes, path), shapes), cfg)
     model_cfg = CLIPModelConfig.from_normalized(cfg)
 

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
 
 from conversion import clip as clip_conv
 from conversion import lora as lora_conv
@@ -28,7 +27,7 @@ from conversion import sd3_transformer, training_checkpoint
 from conversion import t5 as t5_conv
 from conversion import vae as vae_conv
 from conversion.errors import InputError
-from conversion.safetensors_io import Checkpoint, ConversionError, open_checkpoint, save_checkpoint
+from conversion.safetensors_io import Checkpoint, ConversionError, open_checkpoint, open_safetensors, save_checkpoint
 from conversion.table import Entry, check_checkpoint, to_torch_state
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowsteer_jax.models.text.clip import CLIPText, CLIPTextConfig
@@ -116,7 +115,7 @@ def read_lora(
     table = sd3_transformer.param_table(transformer_config)
     weights = os.path.join(path, lora_conv.PEFT_FILE) if os.path.isdir(path) else path
     if os.path.isfile(weights):
-        with safe_open(weights, framework="np") as f:
+        with open_safetensors(weights) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
         try:
             flat, _ = lora_conv.from_peft(state, table)

@@ -19,7 +19,7 @@ loaded for inference) and `remove_lora` (each `LoRALinear` back to the plain `nn
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +125,18 @@ def _matches(dotted_path: str, target: str) -> bool:
     return dotted_path == target or dotted_path.endswith("." + target)
 
 
+def _in_scope(dotted_path: str, scope: str) -> bool:
+    return re.fullmatch(scope, dotted_path) is not None
+
+
+def unmatched_targets(linears: Iterable[str], targets: Sequence[str], scope: str = DEFAULT_SCOPE) -> list[str]:
+    """The `targets` that end no dotted Linear path of `linears` under `scope`: `apply_lora`'s check, on names
+    alone, so a run can make it from the transformer's config.json before loading it
+    (`conversion.sd3_transformer.linear_modules`)."""
+    names = [n for n in linears if _in_scope(n, scope)]
+    return [t for t in targets if not any(_matches(n, t) for n in names)]
+
+
 def apply_lora(
     model: nnx.Module,
     *,
@@ -142,21 +154,12 @@ def apply_lora(
     is an error (a typo would otherwise silently train nothing).
     """
     targets = tuple(targets)
-    found: list[tuple[tuple, nnx.Linear]] = []
-    used: set[str] = set()
-    for path, module in nnx.iter_modules(model):
-        if type(module) is not nnx.Linear:  # LoRALinear (already adapted) and other modules are skipped
-            continue
-        name = dotted(path)
-        if not re.fullmatch(scope, name):
-            continue
-        hits = [t for t in targets if _matches(name, t)]
-        if hits:
-            used.update(hits)
-            found.append((path, module))
-    missing = [t for t in targets if t not in used]
+    # LoRALinear (already adapted) and other modules are skipped
+    linears = {dotted(path): (path, m) for path, m in nnx.iter_modules(model) if type(m) is nnx.Linear}
+    missing = unmatched_targets(linears, targets, scope)
     if missing:
         raise ValueError(f"LoRA targets {missing} match no nnx.Linear under scope {scope!r}")
+    found = [pm for name, pm in linears.items() if _in_scope(name, scope) and any(_matches(name, t) for t in targets)]
     for path, module in found:
         _replace(model, path, LoRALinear(module, rank=rank, alpha=alpha, rngs=rngs, param_dtype=param_dtype))
     return [dotted(p) for p, _ in found]

@@ -13,7 +13,9 @@ import numpy as np
 from flax import nnx
 
 from conversion.errors import InputError
+from conversion.safetensors_io import read_json
 from flowsteer_jax.data import DataError, open_prompts
+from flowsteer_jax.distill.config import config_latent_shape, validate_model
 from flowsteer_jax.flow.schedules import scheduler_settings
 from flowsteer_jax.worlds import Embeds, World, fingerprint
 
@@ -32,6 +34,11 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         )
     # Every component the run loads (the VAE only for the sample grids, after training), before loading any.
     check_pipeline(path, what="model.path")
+    # And what the transformer's config.json decides (LoRA targets, D depth, latent shape), before the encoders load.
+    config_path = os.path.join(path, "transformer", "config.json")
+    transformer_config = read_json(config_path, "transformer config")
+    latent_shape = config_latent_shape(config, transformer_config, config_path)
+    validate_model(config, transformer_config, latent_shape, config_path)
     if not config.data.prompts:
         raise InputError(
             "data.prompts is empty: set --config.data.prompts to a .txt, .jsonl or .parquet prompt file (or a glob or "
