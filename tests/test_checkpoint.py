@@ -32,7 +32,7 @@ def test_compatibility_problems_name_each_change():
 
 
 def _meta(**changes):
-    """A current-format meta (base_fingerprint and run settings) of the default config, with `changes` to the
+    """A current-format meta (base_fingerprint, components, prompts and run settings) of the default config, with `changes` to the
     config given as dotted keys."""
     import json
 
@@ -50,6 +50,8 @@ def _meta(**changes):
         "model_path": "/a",
         "transformer_config": {"num_layers": 2},
         "base_fingerprint": "0123456789abcdef",
+        "components": {"text_encoder": "1111111111111111", "text_encoder_3": "3333333333333333"},
+        "prompts": {"count": 8, "sha256": "ab" * 32},
         "latent_shape": [16, 16, 16],
         "config": config,
         "run": run_settings(config),
