@@ -11,12 +11,14 @@ mid-save) is never picked up.
 
 Resuming compares the saved `meta` with the run's (`resume_report`) and refuses, in one `CheckpointError` listing
 every difference, another base model (its `config.json`, or other weights: `base_fingerprint`, the
-`conversion.safetensors_io.weights_fingerprint` of the transformer folder; the same weights at another path
-are the same base, a moved folder), other state shapes, or other run-defining settings (`RUN_KEYS`, saved
-as the meta's `run`). `checkpoint.allow_changes` names settings whose change is meant (logged, one warning
-each). A checkpoint saved before these checks (no `base_fingerprint` / `run` in its meta) resumes with one
-warning. A step that cannot be read is refused with the steps on disk; `checkpoint.resume_step` resumes an older
-one, and the newer steps are then moved to `WORKDIR/checkpoints_set_aside/`, never deleted (`set_aside`).
+`conversion.safetensors_io.weights_fingerprint` of the transformer folder; the same weights at another path are the
+same base, a moved folder), other content of the run's other models (`components`: text encoders, tokenizers, VAE),
+other prompt texts (`prompts`: their hash, not the file's path), other state shapes, or other run-defining settings
+(`RUN_KEYS` and the world's own config section, saved as the meta's `run`). `checkpoint.allow_changes` names settings
+whose change is meant (logged, one warning each). A checkpoint saved before these checks (no `base_fingerprint` /
+`run` in its meta) resumes with one warning. A step that cannot be read is refused with the steps on disk;
+`checkpoint.resume_step` resumes an older one, and the newer steps are then moved to
+`WORKDIR/checkpoints_set_aside/`, never deleted (`set_aside`).
 """
 
 from __future__ import annotations
