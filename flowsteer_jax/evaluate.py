@@ -319,7 +319,10 @@ def lora_digest(path: str) -> str:
         return sha256_file(weights)
     if not os.path.isdir(path):
         raise InputError(f"--lora={path}: no such file or folder")
-    flat, meta = read_lora(path)
+    try:
+        flat, meta = read_lora(path)
+    except InputError as e:
+        raise InputError(f"--lora={path}: {e}") from e
     h = hashlib.sha256(json.dumps([meta["config"]["lora"]["alpha"], meta["config"]["lora"]["rank"]]).encode())
     for name in sorted(flat):
         h.update(f"{name}\0{flat[name].dtype}\0{flat[name].shape}\0".encode())

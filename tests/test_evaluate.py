@@ -198,6 +198,13 @@ def test_rows_are_keyed_on_what_made_their_images(world, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1, err
         assert os.path.getmtime(f"{out}/student.safetensors/00000.png") == before
 
+    refused([*first, "--steps=3"], "steps: 2 -> 3")  # before: sampled over the row's images
+    other_vae = shutil.copytree(world["sd3"], tmp_path / "sd3_other_vae")
+    vae_file = next((other_vae / "vae").glob("*.safetensors"))
+    tensors = load_file(vae_file)
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] * np.float32(2)}, vae_file)
+    refused([first[0], other_vae, *first[2:]], "model.vae content")
     tensors = load_file(lora)  # trained further: other adapters in the same file
     name = sorted(tensors)[0]
     save_file({**tensors, name: tensors[name] + np.float32(0.5)}, lora)
@@ -218,6 +225,19 @@ def test_rows_are_keyed_on_what_made_their_images(world, tmp_path, capsys):
     rc, _, err = run([*argv[:4], prompts, *argv[5:]], capsys)
     assert rc == 0 and "reusing the 2 images" in err, err
     assert len(json.load(open(os.path.join(out, "results.json")))["rows"]) == 2
+
+
+def test_report_rows_are_replaced_by_key_and_never_dropped_by_name(tmp_path):
+    """A row replaces the row of its key only; a keyless row (an older results.json, a toy world's) is replaced by
+    a keyless row of its name, never by a keyed one."""
+    row = lambda label, **kw: {"label": label, "metrics": {"clip_score": 1.0}, "provenance": {}, **kw}  # noqa: E731
+    out = str(tmp_path)
+    evaluate.write_report(out, [row("old")])
+    evaluate.write_report(out, [row("old", key="a" * 16), row("b", key="b" * 16)])
+    rows = evaluate.write_report(out, [row("renamed", key="b" * 16)])
+    assert [(r["label"], r.get("key")) for r in rows] == [("old", None), ("old", "a" * 16), ("renamed", "b" * 16)]
+    assert "| old [aaaaaaaa] |" in open(os.path.join(out, "results.md")).read()
+    assert [r["label"] for r in evaluate.write_report(out, [row("old")])] == ["old", "renamed", "old"]
 
 
 def test_a_sample_folder_is_scored_without_its_grid(world, first_run, tmp_path, capsys):
