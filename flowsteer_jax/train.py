@@ -142,9 +142,10 @@ def _diverged(ckpt: Checkpointer, step: int, bad_run: int, where: str) -> str:
     ckpt.wait()
     last = ckpt.latest_step()
     kept = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None else "no checkpoint"
+    rerun = "rerun to resume from it" if last is not None else "rerun to start afresh"
     return (
         f"{bad_run} non-finite steps in a row ({where}) at step {step}, none saved; {kept}. Lower the learning "
-        "rates (optim.lora.lr, optim.disc.lr) or check the data, then rerun to resume from it."
+        f"rates (optim.lora.lr, optim.disc.lr) or check the data, then {rerun}."
     )
 
 
