@@ -252,7 +252,7 @@ def test_a_sample_folder_is_scored_without_its_grid(world, first_run, tmp_path, 
     Image.new("RGB", (96, 64)).save(folder / "grid.png")
     rc, lines, err = run(["--images", folder, "--metrics=clip", "--weights", world["weights"], "--out",
                           tmp_path / "out"], capsys)  # fmt: skip
-    assert rc == 0 and f"not scoring {folder / 'grid.png'} (the sample grid)" in err, err
+    assert rc == 0 and f"not scoring {folder / 'grid.png'} (flowsteer_jax.sample's grid of the images)" in err, err
     rows = json.load(open(tmp_path / "out" / "results.json"))["rows"]
     assert rows[0]["provenance"]["images"]["count"] == len(PROMPTS)
 
