@@ -25,6 +25,7 @@ __all__ = [
     "Checkpoint",
     "ConversionError",
     "open_checkpoint",
+    "folder_fingerprint",
     "open_safetensors",
     "save_checkpoint",
     "weights_fingerprint",
@@ -140,6 +141,19 @@ FINGERPRINT_CHUNKS = 8  # sampled stretches of each weight file, besides its hea
 FINGERPRINT_CHUNK_BYTES = 1 << 16
 
 
+def _safetensors_digest(h: Any, path: str, name: str) -> None:
+    """Feed `h` one safetensors file's name, size, header and `FINGERPRINT_CHUNKS` sampled stretches of its bytes."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        h.update(f"{name}\0{size}\0".encode())
+        h.update(f.read(header_len))
+        start, span = 8 + header_len, max(size - 8 - header_len, 0)
+        for i in range(FINGERPRINT_CHUNKS):
+            f.seek(start + span * i // FINGERPRINT_CHUNKS)
+            h.update(f.read(FINGERPRINT_CHUNK_BYTES))
+
+
 def weights_fingerprint(folder: str) -> str:
     """A cheap identity of a weight folder's contents: 16 hex digits.
 
@@ -151,15 +165,26 @@ def weights_fingerprint(folder: str) -> str:
     ckpt = open_checkpoint(folder)
     h = hashlib.sha256()
     for path in sorted(set(ckpt.files.values())):
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(f"{os.path.basename(path)}\0{size}\0".encode())
-            h.update(f.read(header_len))
-            start, span = 8 + header_len, max(size - 8 - header_len, 0)
-            for i in range(FINGERPRINT_CHUNKS):
-                f.seek(start + span * i // FINGERPRINT_CHUNKS)
-                h.update(f.read(FINGERPRINT_CHUNK_BYTES))
+        _safetensors_digest(h, path, os.path.basename(path))
+    return h.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str) -> str:
+    """`weights_fingerprint`'s identity for any model folder (a text encoder, a tokenizer, a VAE): 16 hex digits.
+
+    Every file under `folder`, by relative name: a `.safetensors` file as `weights_fingerprint` reads it, any
+    other file (configs, tokenizer vocabularies) in full. The same content at another path has the same print.
+    """
+    h = hashlib.sha256()
+    names = sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, files in os.walk(folder) for f in files)
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            _safetensors_digest(h, path, name)
+        else:
+            with open(path, "rb") as f:
+                h.update(f"{name}\0{os.path.getsize(path)}\0".encode())
+                h.update(f.read())
     return h.hexdigest()[:16]
 
 

@@ -11,12 +11,14 @@ mid-save) is never picked up.
 
 Resuming compares the saved `meta` with the run's (`resume_report`) and refuses, in one `CheckpointError` listing
 every difference, another base model (its `config.json`, or other weights: `base_fingerprint`, the
-`conversion.safetensors_io.weights_fingerprint` of the transformer folder; the same weights at another path
-are the same base, a moved folder), other state shapes, or other run-defining settings (`RUN_KEYS`, saved
-as the meta's `run`). `checkpoint.allow_changes` names settings whose change is meant (logged, one warning
-each). A checkpoint saved before these checks (no `base_fingerprint` / `run` in its meta) resumes with one
-warning. A step that cannot be read is refused with the steps on disk; `checkpoint.resume_step` resumes an older
-one, and the newer steps are then moved to `WORKDIR/checkpoints_set_aside/`, never deleted (`set_aside`).
+`conversion.safetensors_io.weights_fingerprint` of the transformer folder; the same weights at another path are the
+same base, a moved folder), other content of the run's other models (`components`: text encoders, tokenizers, VAE),
+other prompt texts (`prompts`: their hash, not the file's path), other state shapes, or other run-defining settings
+(`RUN_KEYS` and the world's own config section, saved as the meta's `run`). `checkpoint.allow_changes` names settings
+whose change is meant (logged, one warning each). A checkpoint saved before these checks (no `base_fingerprint` /
+`run` in its meta) resumes with one warning. A step that cannot be read is refused with the steps on disk;
+`checkpoint.resume_step` resumes an older one, and the newer steps are then moved to
+`WORKDIR/checkpoints_set_aside/`, never deleted (`set_aside`).
 """
 
 from __future__ import annotations
@@ -67,17 +69,18 @@ ADDED_KEYS: dict[str, Any] = {
 
 
 # The settings that define a run (dotted config keys; a section means all its keys): a resume must agree on each,
-# unless `checkpoint.allow_changes` names it. Not here, so free to change on resume: `train.num_steps` (extending a
-# run is normal) and the rest of `train`, `checkpoint.*`, `eval.*`, `mesh.*`, `distributed.*`, `model.path` (the
-# base is checked by its weights: `base_fingerprint`), `model.attention`/`remat_policy`/`preset` and
-# `data.cache_embeddings`/`cache_max_gib` (how, not what, is computed).
+# unless `checkpoint.allow_changes` names it. The world's own section is added by the world (`World.config_section`).
+# Not here, so free to change on resume: `train.num_steps` (extending a run is normal) and the rest of `train`,
+# `checkpoint.*`, `eval.*`, `mesh.*`, `distributed.*`, `model.path` (the base is checked by its weights:
+# `base_fingerprint`, the other components by theirs: `components`), `data.prompts` (checked by its texts: `prompts`),
+# `model.attention`/`remat_policy`/`preset` and `data.cache_embeddings`/`cache_max_gib` (how, not what, is
+# computed: the cache
+# encodes in the loop's batch size, so its embeddings are the loop's, bit for bit).
 RUN_KEYS = (
     "seed",
     "world",
     "model.dtype",
     "train.batch_size",
-    "data.prompts",
-    "data.text_column",
     "data.shuffle",
     "data.negative_prompt",
     "data.max_sequence_length",
@@ -88,27 +91,33 @@ RUN_KEYS = (
     "adv",
     "optim",
     "ema",  # turning it on or off also changes the state's shapes, which no allow_changes permits
-    "digits",  # the digits world's own section (its teacher, data pool, text seeds)
 )
 SET_ASIDE = "checkpoints_set_aside"  # WORKDIR/<this>/<step>: newer steps moved away by a resume from an older one
 _ABSENT = object()
 
 
-def run_settings(config: dict) -> dict[str, Any]:
-    """`{dotted key: value}` of the run-defining settings (`RUN_KEYS`) in a config dict (lists for tuples)."""
+def _lookup(config: dict, key: str) -> Any:
+    """The value at dotted `key` in a nested config dict, or `_ABSENT`."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part, _ABSENT) if isinstance(value, dict) else _ABSENT
+    return value
+
+
+def run_settings(config: dict, section: str = "", folders: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`{dotted key: value}` of the run-defining settings in a config dict (lists for tuples): `RUN_KEYS` and the
+    world's own config `section` (`World.config_section`), less its `folders` (checked by content)."""
     out: dict[str, Any] = {}
 
     def visit(key: str, value: Any) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
                 visit(f"{key}.{k}", v)
-        else:
+        elif key not in folders:
             out[key] = list(value) if isinstance(value, tuple | list) else value
 
-    for key in RUN_KEYS:
-        value = config
-        for part in key.split("."):
-            value = value.get(part, _ABSENT) if isinstance(value, dict) else _ABSENT
+    for key in RUN_KEYS + ((section,) if section else ()):
+        value = _lookup(config, key)
         if value is not _ABSENT:
             visit(key, value)
     return out
@@ -261,11 +270,18 @@ def resume_report(saved: dict, current: dict, allow: tuple[str, ...] = ()) -> tu
     """`(problems, notes)` of resuming the checkpoint whose meta is `saved` with the run whose meta is `current`.
 
     Problems refuse the resume: another base (config.json; or weights, `base_fingerprint`, unless `allow` names
-    "base_fingerprint"), latent shape, structural key or state shape, and every run-defining setting (`run`,
-    `RUN_KEYS`) that changed and that `allow` does not name (a dotted key, or a prefix such as "optim").
+    "base_fingerprint"), latent shape, structural key or state shape, and, unless `allow` names them (a dotted
+    key, or a prefix such as "optim"): another content of a pipeline component (`components.<name>`), other
+    prompt texts or order (`prompts`), and every run-defining setting (`run`, `run_settings`) that changed.
     Notes are logged as warnings: allowed changes, a moved base folder, an unchecked old checkpoint.
     """
     problems, notes = [], []
+
+    def judge(key: str, text: str) -> None:  # a difference: refused, unless `allow` names `key`
+        if _allowed(key, allow):
+            notes.append(f"allowed change (checkpoint.allow_changes): {text}")
+        else:
+            problems.append(text)
 
     def model(meta: dict) -> dict:  # config.json minus bookkeeping ("_diffusers_version", "_name_or_path")
         return {k: v for k, v in (meta.get("transformer_config") or {}).items() if not k.startswith("_")}
@@ -282,16 +298,32 @@ def resume_report(saved: dict, current: dict, allow: tuple[str, ...] = ()) -> tu
                 f"base weights: checkpoint used {old_path!r} (base_fingerprint {old_fp}), this run {new_path!r} "
                 f"(base_fingerprint {new_fp}): the same config.json with other weights"
             )
-            if _allowed("base_fingerprint", allow):
-                notes.append(f"allowed change (checkpoint.allow_changes): {text}")
-            else:
-                problems.append(text)
+            judge("base_fingerprint", text)
         elif old_path != new_path:
             notes.append(f"base model moved: {old_path!r} -> {new_path!r} (same weights, base_fingerprint {new_fp})")
     if "base_fingerprint" not in saved or "run" not in saved:
         notes.append(
             "the checkpoint predates resume checks (no base_fingerprint / run settings in its meta): its base "
             "weights and run settings cannot be checked"
+        )
+    if "components" in saved:
+        old_c, new_c = saved["components"], current.get("components", {})
+        for name in sorted(set(old_c) | set(new_c)):
+            old, new = old_c.get(name), new_c.get(name)
+            if old != new:
+                judge(f"components.{name}", f"components.{name}: fingerprint {old} -> {new} (None: no such component)")
+    if "prompts" in saved:
+        old_p, new_p = saved["prompts"], current.get("prompts", {})
+        if old_p != new_p:
+            text = (
+                f"prompts: checkpoint trained on {old_p.get('count')} prompts (sha256 {old_p.get('sha256', '')[:12]}), "
+                f"this run has {new_p.get('count')} (sha256 {new_p.get('sha256', '')[:12]}): other texts or order"
+            )
+            judge("prompts", text)
+    if "base_fingerprint" in saved and ("components" not in saved or "prompts" not in saved):
+        notes.append(
+            "the checkpoint predates content checks of the text encoders and prompt texts (no components / prompts "
+            "in its meta): they cannot be checked"
         )
     if list(saved.get("latent_shape") or []) != list(current.get("latent_shape") or []):
         problems.append(f"model.latent_shape: {saved.get('latent_shape')} -> {current.get('latent_shape')}")
@@ -303,20 +335,18 @@ def resume_report(saved: dict, current: dict, allow: tuple[str, ...] = ()) -> tu
         if old != new:
             problems.append(f"{'.'.join(path)}: {old!r} -> {new!r}")
     if "run" in saved:
+        # This run's run-defining keys: one the checkpoint did not record as such (a key made run-defining since,
+        # or a world's section before worlds declared theirs) is read from its saved config, else `ADDED_KEYS`;
+        # one it recorded that this run does not define the run by (a key checked by content since) is no problem.
         old_run, new_run = saved["run"], current.get("run", {})
-        for key in sorted(set(old_run) | set(new_run)):
-            old, new = old_run.get(key, _ABSENT), new_run.get(key, _ABSENT)
+        for key in sorted(new_run):
+            old, new = old_run.get(key, _lookup(saved.get("config", {}), key)), new_run[key]
+            old = list(old) if isinstance(old, tuple) else old
             if old is _ABSENT and key in ADDED_KEYS:
                 old = ADDED_KEYS[key]
             if old == new or key in structural:
                 continue
-            text = (
-                f"{key}: {'(absent)' if old is _ABSENT else repr(old)} -> {'(absent)' if new is _ABSENT else repr(new)}"
-            )
-            if _allowed(key, allow):
-                notes.append(f"allowed change (checkpoint.allow_changes): {text}")
-            else:
-                problems.append(text)
+            judge(key, f"{key}: {'(absent)' if old is _ABSENT else repr(old)} -> {new!r}")
     old_shapes, new_shapes = saved.get("shapes", {}), current.get("shapes", {})
     if old_shapes != new_shapes:
         changed = sorted(k for k in set(old_shapes) | set(new_shapes) if old_shapes.get(k) != new_shapes.get(k))

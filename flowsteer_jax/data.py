@@ -359,6 +359,16 @@ def load_prompts(path: str, text_column: str = "prompt") -> list[str]:
     return list(open_prompts(path, text_column))
 
 
+def prompts_digest(prompts: Sequence[str]) -> str:
+    """The sha256 of prompt texts in their order: what a run trained on or a row was sampled for, whichever file,
+    path or format they came from."""
+    h = hashlib.sha256()
+    for text in prompts:
+        h.update(text.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Order
 
@@ -563,6 +573,12 @@ class EmbeddingCache:
 
         `encode(prompts)` returns arrays with one leading row per prompt. `fingerprint` should identify
         everything the embeddings depend on (prompt file, encoders, max sequence length, dtype). In multi-host
+
+        `encode(prompts)` returns arrays with one leading row per prompt. It is called on `batch_size` prompts at
+        a time (the last batch padded with its last prompt), so with the batch size the encoder is called with
+        without the cache, the cached rows are bit-identical to that (the encoders' numerics depend on the batch
+        size, not on the other rows). `fingerprint` should identify everything the embeddings depend on (prompt
+        file, encoders, max sequence length, dtype, batch size). In multi-host
         runs exactly one process passes `is_writer=True`; the others wait up to `timeout_s` for its cache.
         """
         folder = os.path.normpath(os.fspath(folder))
@@ -636,7 +652,9 @@ class EmbeddingCache:
             with tqdm(total=count, desc="caching text embeddings", unit="prompt") as bar:
                 for start in range(0, count, batch_size):
                     batch = list(prompts[start : start + batch_size])
-                    out = {key: np.asarray(value) for key, value in encode(batch).items()}
+                    # The last batch is padded to the others' size: the encoders' last bits depend on it.
+                    padded = batch + batch[-1:] * (batch_size - len(batch))
+                    out = {key: np.asarray(value) for key, value in encode(padded).items()}
                     if not arrays:
                         if not out:
                             raise DataError(f"{folder}: encode returned no arrays")
@@ -647,13 +665,13 @@ class EmbeddingCache:
                     if out.keys() != arrays.keys():
                         raise DataError(f"{folder}: encode returned keys {sorted(out)}, earlier {sorted(arrays)}")
                     for key, value in out.items():
-                        expected = (len(batch), *arrays[key].shape[1:])
+                        expected = (len(padded), *arrays[key].shape[1:])
                         if value.shape != expected:
                             raise DataError(
                                 f"{folder}: encode returned {key} of shape {value.shape} for prompts "
-                                f"[{start}, {start + len(batch)}), expected {expected}"
+                                f"[{start}, {start + len(padded)}), expected {expected}"
                             )
-                        arrays[key][start : start + len(batch)] = value
+                        arrays[key][start : start + len(batch)] = value[: len(batch)]
                     bar.update(len(batch))
             meta = dict(
                 fingerprint=fingerprint,

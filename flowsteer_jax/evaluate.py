@@ -11,8 +11,13 @@ Rows: every `--model` (each `--lora`, `none` = the base, gives a row of its own)
 order). Sampling writes `DIR/<row>/00000.png, ...` with fixed noise: image `i` starts from (`--seed`, `i`) for every
 row, so rows compare image for image. Each row's per-image scores go to `DIR/<row>/scores.csv`; `DIR/results.json`
 (rows with provenance: weight hashes, preprocessing, resolution, prompt-file hash, seeds) and `DIR/results.md` (a
-table like the paper's: method, NFE, metrics) keep the rows of earlier runs into the same `--out` (a row of the
-same name is replaced), so a 28-step CFG teacher and 4-step students run as separate commands end in one table.
+table like the paper's: method, NFE, metrics) keep the rows of earlier runs into the same `--out`, so a 28-step CFG
+teacher and 4-step students run as separate commands end in one table. A row is identified by its key
+(`row_key`): a hash of what determines its images (every model component's and the LoRA's content, the prompt
+texts in order, seed, steps, guidance, schedule, resolution, dtype), not by its name. A row's images are reused
+for the same key; for another one the row is refused naming what changed, unless `--resample`; the row of the
+same key is replaced, and rows of one name with other keys both stay (`name [key]` in the table).
+An `--images` folder's `grid.png` (`flowsteer_jax.sample`'s) is not scored.
 
 `--weights=DIR` holds the upstream files under their upstream names (see README "Evaluation"):
 `clip-vit-large-patch14/` and `PickScore_v1/` (transformers folders), `HPS_v2.1_compressed.pt` or
@@ -29,6 +34,7 @@ The last stdout line is one JSON object with one key per metric of the last row.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -36,11 +42,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from absl import flags
 
 from conversion.errors import InputError
+from conversion.lora import PEFT_FILE
 from conversion.torch_files import sha256 as sha256_file
+from conversion.training_checkpoint import read_lora
 from flowsteer_jax import cli
+from flowsteer_jax.data import prompts_digest
 from flowsteer_jax.evaluation.metrics import (
     METRICS,
     TEXT_METRICS,
@@ -50,6 +60,7 @@ from flowsteer_jax.evaluation.metrics import (
     score_files,
     summarize,
 )
+from flowsteer_jax.images import GRID
 
 PROG = "flowsteer_jax.evaluate"
 
@@ -69,10 +80,13 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, Calla
         "| method | NFE | " + " | ".join(h for _, h, _ in columns) + " |",
         "|---|---:|" + "---:|" * len(columns),
     ]
+    labels = [r["label"] for r in rows]
     for r in rows:
         values = [r["metrics"].get(k) for k, _, _ in columns]
         cells = ["—" if v is None or v != v else fmt(v) for v, (_, _, fmt) in zip(values, columns, strict=True)]
-        lines.append(f"| {r['label']} | {r.get('nfe', '—')} | " + " | ".join(cells) + " |")
+        # Rows of one name with other contents (a LoRA trained further, other prompts) stay apart: by their key.
+        label = f"{r['label']} [{r['key'][:8]}]" if labels.count(r["label"]) > 1 and "key" in r else r["label"]
+        lines.append(f"| {label} | {r.get('nfe', '—')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -90,7 +104,10 @@ def _sd3_columns(rows: Sequence[dict]) -> list[tuple[str, str, Callable[[float],
 
 
 def write_report(out: str, new_rows: Sequence[dict], *, columns=None, header: str = "") -> list[dict]:
-    """Merge `new_rows` into `out/results.json` (same label: replaced), write `out/results.md`; all rows back."""
+    """Merge `new_rows` into `out/results.json`, write `out/results.md`; all rows back.
+
+    A row with a `key` (what determines its images: `row_key`) replaces only the row of the same key, whatever
+    their labels; a row without one (the toy worlds' runs) the row of the same label."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     rows: list[dict] = []
@@ -100,8 +117,10 @@ def write_report(out: str, new_rows: Sequence[dict], *, columns=None, header: st
                 rows = json.load(f)["rows"]
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{path}: unreadable results of an earlier run ({e}); move it away or pick --out") from e
-    labels = {r["label"] for r in new_rows}
-    rows = [r for r in rows if r["label"] not in labels] + list(new_rows)
+    keys = {r["key"] for r in new_rows if "key" in r}
+    labels = {r["label"] for r in new_rows if "key" not in r}
+    rows = [r for r in rows if r.get("key") not in keys and not ("key" not in r and r["label"] in labels)]
+    rows += list(new_rows)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({"rows": rows}, f, indent=2)
@@ -257,19 +276,27 @@ def _main(args) -> int:
             prov["hps_version"] = scorers.text["hps"].provenance.get("version")
         if "folder" in spec:
             files = image_files(spec["folder"])
+            grid = [f for f in files if os.path.basename(f) == GRID]
+            if grid:
+                print(
+                    f"{spec['label']}: not scoring {grid[0]} (flowsteer_jax.sample's grid of the images)",
+                    file=sys.stderr,
+                )
+                files.remove(grid[0])
             if prompts is not None and len(prompts) != len(files):
                 raise InputError(
                     f"--images={spec['folder']}: {len(files)} images but {len(prompts)} prompts in {prompt_file} "
                     "(image k, in file-name order, is scored against prompt k)"
                 )
             prov["images"] = {"folder": os.path.abspath(spec["folder"]), "count": len(files)}
-            row = {"label": spec["label"], "nfe": "—"}
+            contents = {"images": [sha256_file(f) for f in files], "prompts": prompts_digest(prompts or [])}
+            row = {"label": spec["label"], "nfe": "—", "key": row_key(contents)}
         else:
             if prompts is None:
                 raise InputError("sampling needs --prompts=FILE")
-            pipe, files, sample_prov = _sample_row(args, spec, prompts, row_dir, pipe)
+            pipe, files, sample_prov, key = _sample_row(args, spec, prompts, row_dir, pipe)
             prov.update(sample_prov)
-            row = {"label": spec["label"], "nfe": nfe(args.steps, args.guidance)}
+            row = {"label": spec["label"], "nfe": nfe(args.steps, args.guidance), "key": key}
         if any(m in TEXT_METRICS for m in metrics) and prompts is None:
             raise InputError(f"{', '.join(m for m in metrics if m in TEXT_METRICS)} need prompts: give --prompts")
         if prompt_file is not None:
@@ -289,19 +316,68 @@ def _main(args) -> int:
     return 0
 
 
+def row_key(contents: dict) -> str:
+    """A row's identity: 16 hex digits of the sha256 of what determines its images (`contents`, JSON)."""
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def lora_digest(path: str) -> str:
+    """The sha256 of the LoRA `SD3Pipeline.load_lora(path)` applies: of its file, or of a training workdir's
+    latest adapters (and their alpha / rank), which change as the run trains on."""
+    weights = os.path.join(path, PEFT_FILE) if os.path.isdir(path) else path
+    if os.path.isfile(weights):
+        return sha256_file(weights)
+    if not os.path.isdir(path):
+        raise InputError(f"--lora={path}: no such file or folder")
+    try:
+        flat, meta = read_lora(path)
+    except InputError as e:
+        raise InputError(f"--lora={path}: {e}") from e
+    h = hashlib.sha256(json.dumps([meta["config"]["lora"]["alpha"], meta["config"]["lora"]["rank"]]).encode())
+    for name in sorted(flat):
+        h.update(f"{name}\0{flat[name].dtype}\0{flat[name].shape}\0".encode())
+        h.update(np.ascontiguousarray(flat[name]).tobytes())
+    return h.hexdigest()
+
+
+def _changes(old: dict, new: dict) -> str:
+    """What differs between two rows' `contents`, by key (`model.transformer`, `lora`, `steps: 2 -> 4`)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k} content" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif isinstance(a, str) and isinstance(b, str) and len(a) >= 16 and len(b) >= 16:
+            out.append(f"{key} content")
+        else:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return ", ".join(out)
+
+
 def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):
-    """Sample `prompts` for one row into `row_dir` (reusing images already there unless --resample).
+    """Sample `prompts` for one row into `row_dir`, or reuse the images there if they were sampled for the same
+    contents (the row's key), unless --resample. Images sampled for other contents are refused, naming what
+    changed (a LoRA trained further, other prompts, ...): --resample replaces them, another --labels keeps both.
 
     `pipe`: (model folder, SD3Pipeline) of the previous row, reused for the same `--model`. Returns the pipe, the
-    image files and the row's sampling provenance."""
+    image files, the row's sampling provenance and its key."""
     import jax.numpy as jnp
 
     from conversion.errors import ConversionError
     from conversion.safetensors_io import weights_fingerprint
-    from flowsteer_jax.models.loading import pipeline_component
+    from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline, pipeline_component, pipeline_fingerprints
     from flowsteer_jax.pipeline import SD3Pipeline
     from flowsteer_jax.sample import write_images
 
+    skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
+    components = [n for n in SD3_COMPONENTS if n not in skip_t5]
+    check_pipeline(spec["model"], components, what="--model")
+    if spec["lora"] is not None and not os.path.exists(spec["lora"]):
+        raise InputError(f"--lora={spec['lora']}: no such file or folder")
+    if os.path.isdir(os.path.join(spec["model"], "scheduler")):
+        components.append("scheduler")
     settings = {
         "model": os.path.abspath(spec["model"]),
         "lora": os.path.abspath(spec["lora"]) if spec["lora"] else None,
@@ -317,18 +393,31 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
         "negative_prompt": args.negative_prompt,
         "prompts": len(prompts),
     }
+    # What determines the images: every component's and the LoRA's content, the prompt texts in order, and the
+    # sampling settings; not where the files lie.
+    contents = {
+        **{k: v for k, v in settings.items() if k not in ("model", "lora", "prompts")},
+        "model": pipeline_fingerprints(spec["model"], components),
+        "lora": lora_digest(spec["lora"]) if spec["lora"] else None,
+        "prompts": {"count": len(prompts), "sha256": prompts_digest(prompts)},
+    }
+    key = row_key(contents)
     stamp = os.path.join(row_dir, "sampling.json")
     files = [os.path.join(row_dir, f"{i:05d}.png") for i in range(len(prompts))]
-    if not args.resample and os.path.isfile(stamp) and all(os.path.isfile(f) for f in files):
+    if not args.resample and os.path.isfile(stamp):
         with open(stamp) as f:
             done = json.load(f)
-        if done.get("settings") == settings:
+        if done.get("key") != key:
+            changed = _changes(done["contents"], contents) if "contents" in done else "sampled by an older evaluate"
+            raise InputError(
+                f"{row_dir}: its images were sampled for other contents ({changed}); --resample replaces them, "
+                "another --labels samples a row beside them"
+            )
+        if all(os.path.isfile(f) for f in files):
             print(
                 f"{spec['label']}: reusing the {len(files)} images in {row_dir} (--resample to redo)", file=sys.stderr
             )
-            return pipe, files, done["provenance"]
-    if spec["lora"] is not None and not os.path.exists(spec["lora"]):
-        raise InputError(f"--lora={spec['lora']}: no such file or folder")
+            return pipe, files, done["provenance"], key
     if pipe is None or pipe[0] != spec["model"]:
         pipe = None  # one pipeline in memory at a time (checked by `_main` before any scorer loaded)
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -367,9 +456,10 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
     if spec["lora"] is not None:
         lora = spec["lora"]
         prov["lora_sha256"] = sha256_file(lora) if os.path.isfile(lora) else None
+    prov["contents"] = contents
     with open(stamp, "w") as f:
-        json.dump({"settings": settings, "provenance": prov}, f, indent=2)
-    return pipe, files, prov
+        json.dump({"key": key, "contents": contents, "settings": settings, "provenance": prov}, f, indent=2)
+    return pipe, files, prov, key
 
 
 # --- the digits world ---

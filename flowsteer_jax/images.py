@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+GRID = "grid.png"  # `flowsteer_jax.sample`'s grid of its images, beside them: not one of them (`evaluate --images`)
+
 
 def grid(images: np.ndarray, cols: int, border: int = 2) -> np.ndarray:
     """NHWC images -> one HWC image, `cols` per row, separated and framed by `border` white pixels."""

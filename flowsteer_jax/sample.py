@@ -39,7 +39,7 @@ from conversion.errors import ConversionError, InputError
 from flowsteer_jax import cli
 from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
 from flowsteer_jax.distill.config import MAX_SEQUENCE_LENGTH, SEED_LIMIT
-from flowsteer_jax.images import save_grid, save_png
+from flowsteer_jax.images import GRID, save_grid, save_png
 from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
 from flowsteer_jax.xla_cpu import use_inference_flags
 
@@ -159,7 +159,7 @@ def _main(args) -> int:
     )
     images = [Image.open(p) for p in paths]
     pixels = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images])
-    save_grid(os.path.join(args.out, "grid.png"), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
+    save_grid(os.path.join(args.out, GRID), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
     with open(os.path.join(args.out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
     print(f"wrote {len(images)} images and grid.png to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)

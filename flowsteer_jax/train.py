@@ -53,7 +53,7 @@ from conversion.errors import InputError, shorten
 from conversion.safetensors_io import read_json, weights_fingerprint
 from flowsteer_jax import cli, parallel, tracking
 from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
-from flowsteer_jax.data import EmbeddingCache, PromptLoader
+from flowsteer_jax.data import EmbeddingCache, PromptLoader, prompts_digest
 from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.config import config_latent_shape, validate, validate_batch, validate_model
 from flowsteer_jax.distill.ota import window_boundaries
@@ -158,6 +158,18 @@ def check_workdir(workdir: str) -> None:
         raise InputError(f"--workdir={workdir}: cannot write in the folder ({e.strerror})") from e
 
 
+def _diverged(ckpt: Checkpointer, step: int, bad_run: int, where: str) -> str:
+    """The one line of a run stopped by `bad_run` non-finite steps up to `step` (nothing saved for them)."""
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None else "no checkpoint"
+    rerun = "rerun to resume from it" if last is not None else "rerun to start afresh"
+    return (
+        f"{bad_run} non-finite steps in a row ({where}) at step {step}, none saved; {kept}. Lower the learning "
+        f"rates (optim.lora.lr, optim.disc.lr) or check the data, then {rerun}."
+    )
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the last step's metrics (host floats) and `step`."""
     from tqdm.auto import tqdm
@@ -199,7 +211,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "transformer_config": transformer_config,
         "latent_shape": list(latent_shape),
         "base_fingerprint": weights_fingerprint(world.transformer_folder),
-        "run": run_settings(config_json),
+        "components": dict(world.components),
+        "prompts": {"count": len(world.prompts), "sha256": prompts_digest(world.prompts)},
+        "run": run_settings(config_json, world.config_section, world.config_folders),
     }
     resume_step = int(config.checkpoint.resume_step)
     if ckpt.latest_step() is not None:
@@ -222,18 +236,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             json.dump(config_json, f, indent=2)
         os.replace(f.name, path)
 
+    local_b = batch_size // procs
     cache = None
     if config.data.cache_embeddings:
+        # Encoded in the loop's batch size, so the cached rows are bit-identical to encoding in the loop.
         cache = EmbeddingCache.build(
             os.path.join(workdir, "embeddings"),
             world.prompts,
             world.encode,
-            fingerprint=world.fingerprint,
+            batch_size=local_b,
+            fingerprint=f"{world.fingerprint}-batch{local_b}",
             is_writer=is_main,
             max_gib=float(config.data.cache_max_gib),
         )
     negative = world.encode([config.data.negative_prompt])
-    local_b = batch_size // procs
 
     def next_batch() -> dict[str, jax.Array]:
         idx = loader.next()
@@ -317,16 +333,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             bad_run = 0 if metrics["finite"] else bad_run + 1
             if bad_run and is_main:
                 log.warning(
-                    "step %d: non-finite loss or gradient (%d in a row); the step changed nothing", step, bad_run
+                    "step %d: non-finite loss, gradient or updated parameters (%d in a row); the step changed nothing",
+                    step,
+                    bad_run,
                 )
             if max_bad and bad_run >= max_bad:
-                ckpt.wait()
-                last = ckpt.latest_step()
-                raise TrainingAborted(
-                    f"{bad_run} non-finite steps in a row (train.max_bad_steps={max_bad}) at step {step}; "
-                    f"the last good checkpoint is step {last} in {ckpt.directory}. Lower the learning rates "
-                    "(optim.lora.lr, optim.disc.lr) or check the data, then rerun to resume from it."
-                )
+                raise TrainingAborted(_diverged(ckpt, step, bad_run, f"train.max_bad_steps={max_bad}"))
             last_metrics = metrics
             if writer is not None and (step % log_every == 0 or step == num_steps):
                 rate = (step - window_start) / max(time.perf_counter() - t0, 1e-9)
@@ -346,14 +358,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 stopped_by = stop.signum or signal.SIGTERM
                 break
         timed["end"] = time.perf_counter()
-        save(step)
+        # After a non-finite step the state is the last finite step's, so it is saved under no later label: a
+        # stopped run resumes from its last good checkpoint, a finished one failed.
+        if not bad_run:
+            save(step)
+        elif stopped_by is None:
+            raise TrainingAborted(_diverged(ckpt, step, bad_run, f"the run's last steps, train.num_steps={num_steps}"))
+        ckpt.wait()
+        newest = ckpt.latest_step()
         ckpt.close()
     if stopped_by is not None:
         if is_main:
             log.warning(
-                "stopped by %s at step %d; checkpoint saved in %s: rerun the same command to resume",
+                "stopped by %s at step %d; %s in %s: rerun the same command to resume",
                 signal.Signals(stopped_by).name,
                 step,
+                f"{bad_run} non-finite last steps not saved, the newest checkpoint is step {newest}"
+                if bad_run
+                else "checkpoint saved",
                 ckpt.directory,
             )
     else:

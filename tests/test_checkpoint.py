@@ -32,8 +32,8 @@ def test_compatibility_problems_name_each_change():
 
 
 def _meta(**changes):
-    """A current-format meta (base_fingerprint and run settings) of the default config, with `changes` to the
-    config given as dotted keys."""
+    """A current-format meta (base_fingerprint, components, prompts and run settings) of the default config,
+    with `changes` to the config given as dotted keys."""
     import json
 
     from flowsteer_jax.checkpoint import run_settings
@@ -50,6 +50,8 @@ def _meta(**changes):
         "model_path": "/a",
         "transformer_config": {"num_layers": 2},
         "base_fingerprint": "0123456789abcdef",
+        "components": {"text_encoder": "1111111111111111", "text_encoder_3": "3333333333333333"},
+        "prompts": {"count": 8, "sha256": "ab" * 32},
         "latent_shape": [16, 16, 16],
         "config": config,
         "run": run_settings(config),
@@ -181,3 +183,63 @@ def test_ema_round_trips_and_cannot_be_switched_on_over_a_checkpoint_without_it(
     assert resume_report(old, _meta()) == ([], [])
     problems, _ = resume_report(old, _meta(**{"ema.decay": 0.9}))
     assert "ema.decay: 0.0 -> 0.9" in problems
+
+
+def test_other_text_encoders_or_prompt_texts_are_refused_by_content():
+    """The models besides the base and the prompt texts are compared by content: a pipeline without T5, another
+    CLIP, or a prompt file edited in place (same path) are refused; `allow_changes` may name them."""
+    from flowsteer_jax.checkpoint import resume_report
+
+    saved = _meta()
+    no_t5 = {**saved, "components": {**saved["components"], "text_encoder_3": None}}
+    problems, _ = resume_report(saved, no_t5)
+    assert problems == ["components.text_encoder_3: fingerprint 3333333333333333 -> None (None: no such component)"]
+    other = {**saved, "components": {**saved["components"], "text_encoder": "2" * 16}}
+    assert resume_report(saved, other)[0] == [
+        "components.text_encoder: fingerprint 1111111111111111 -> 2222222222222222 (None: no such component)"
+    ]
+    edited = {**saved, "prompts": {"count": 50, "sha256": "cd" * 32}}
+    problems, _ = resume_report(saved, edited)
+    assert problems == [
+        "prompts: checkpoint trained on 8 prompts (sha256 abababababab), this run has 50 (sha256 cdcdcdcdcdcd): "
+        "other texts or order"
+    ]
+    problems, notes = resume_report(saved, {**edited, **no_t5, "prompts": edited["prompts"]}, allow=("prompts",))
+    assert len(problems) == 1 and notes[0].startswith("allowed change (checkpoint.allow_changes): prompts:")
+
+
+def test_the_same_prompts_at_another_path_are_the_same_run():
+    """`data.prompts` is a path: not compared (the texts are). A checkpoint that recorded it as a run setting
+    (before the texts were hashed) resumes with another path."""
+    from flowsteer_jax.checkpoint import resume_report
+
+    saved = _meta(**{"data.prompts": "/a/prompts.txt"})
+    saved["run"]["data.prompts"] = "/a/prompts.txt"
+    assert resume_report(saved, _meta(**{"data.prompts": "/b/copy.txt"})) == ([], [])
+
+
+def test_the_worlds_own_section_defines_the_run_but_its_folders():
+    """`run_settings` takes the world's declared section (digits_compose: `compose`), less the keys naming
+    folders (checked by content). A checkpoint that did not record the section is compared through its config."""
+    from flowsteer_jax.checkpoint import resume_report, run_settings
+
+    def meta(**compose):
+        m = _meta()
+        m["config"]["compose"] = {"pool_size": 64, "text_seed": 0, "teacher_dir": "/a/teacher", **compose}
+        m["run"] = run_settings(m["config"], "compose", ("compose.teacher_dir",))
+        return m
+
+    assert "compose.pool_size" in meta()["run"] and "compose.teacher_dir" not in meta()["run"]
+    assert resume_report(meta(), meta(pool_size=65))[0] == ["compose.pool_size: 64 -> 65"]
+    assert resume_report(meta(), meta(teacher_dir="/b/moved")) == ([], [])
+    older = meta()
+    older["run"] = run_settings(older["config"])  # saved before worlds declared their section
+    assert resume_report(older, meta(text_seed=1))[0] == ["compose.text_seed: 0 -> 1"]
+
+
+def test_a_checkpoint_from_before_the_content_checks_resumes_with_one_note():
+    from flowsteer_jax.checkpoint import resume_report
+
+    old = {k: v for k, v in _meta().items() if k not in ("components", "prompts")}
+    problems, notes = resume_report(old, _meta())
+    assert problems == [] and len(notes) == 1 and "predates content checks" in notes[0]

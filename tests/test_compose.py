@@ -5,7 +5,9 @@ import json
 import os
 
 import numpy as np
+import pytest
 
+from conversion.training_checkpoint import CheckpointError
 from flowsteer_jax.compose import data, evaluate, vae
 from flowsteer_jax.digits import data as digits_data
 from flowsteer_jax.digits import text
@@ -107,6 +109,11 @@ def test_compose_run_end_to_end(tmp_path, capsys):
     workdir = str(tmp_path / "compose")
     out = train(config, workdir)
     assert out["step"] == 2 and not out["stopped"]
+    # The world's own config section defines the run: resuming with another compose.* setting is refused.
+    changed = config.copy_and_resolve_references()
+    changed.compose.pool_size = 65
+    with pytest.raises(CheckpointError, match=r"compose\.pool_size: 64 -> 65"):
+        train(changed, workdir)
     metrics = json.load(open(os.path.join(workdir, "metrics.json")))
     assert set(metrics["rows"]) == {
         "teacher_28_diffusers",

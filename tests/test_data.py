@@ -326,11 +326,26 @@ def test_failed_build_leaves_nothing(tmp_path):
 
 
 def test_inconsistent_encoder_output_errors(tmp_path):
+    widths = iter(range(2, 10))
+
     def ragged(prompts):
-        return {"pooled": np.zeros((len(prompts), 2 + len(prompts)), np.float32)}
+        return {"pooled": np.zeros((len(prompts), next(widths)), np.float32)}
 
     with pytest.raises(DataError, match="pooled"):
         EmbeddingCache.build(str(tmp_path / "cache"), PROMPTS, ragged, batch_size=4, fingerprint="f1")
+
+
+def test_cached_rows_equal_encoding_in_batches_of_batch_size(tmp_path):
+    """Encoders' last bits depend on the batch size (XLA picks other kernels), not on the other rows: the cache
+    encodes in batches of `batch_size`, the last one padded, so its rows are what the training loop's batches of
+    that size give, bit for bit (`data.cache_embeddings` changes nothing)."""
+
+    def by_batch_size(prompts):  # a row's value depends on its prompt and on the batch size only
+        return {"pooled": np.array([[len(p) + len(prompts) / 1000] for p in prompts], np.float32)}
+
+    cache = EmbeddingCache.build(str(tmp_path / "c"), PROMPTS, by_batch_size, batch_size=4, fingerprint="f")
+    loop = by_batch_size(PROMPTS[8:] + PROMPTS[:2])["pooled"]  # a loop batch of 4 that wraps around the epoch
+    assert np.array_equal(cache.get([8, 9, 0, 1])["pooled"], loop)
 
 
 def test_bfloat16_round_trip(tmp_path):
@@ -338,7 +353,11 @@ def test_bfloat16_round_trip(tmp_path):
 
     values = np.arange(20, dtype=np.float32).reshape(10, 2).astype(ml_dtypes.bfloat16)
     cache = EmbeddingCache.build(
-        str(tmp_path / "c"), PROMPTS, lambda p: {"x": values[: len(p)]}, batch_size=16, fingerprint="b"
+        str(tmp_path / "c"),
+        PROMPTS,
+        lambda p: {"x": values[[PROMPTS.index(q) for q in p]]},
+        batch_size=16,
+        fingerprint="b",
     )
     got = EmbeddingCache(str(tmp_path / "c")).get([1, 3])["x"]
     assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got, values[[1, 3]])

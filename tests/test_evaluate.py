@@ -15,7 +15,7 @@ import pytest
 import torch
 from flax import nnx
 from PIL import Image
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from conversion.lora import to_peft
 from conversion.torch_files import sha256
@@ -178,6 +178,83 @@ def test_noise_is_per_image_and_lora_rows(world, first_run, tmp_path, capsys):
     before = os.path.getmtime(f"{new}/base/00000.png")
     rc, _, err = run(sampled(world, new, "--batch=3", "--metrics=clip", "--labels=base"), capsys)
     assert rc == 0 and "reusing the 6 images" in err and os.path.getmtime(f"{new}/base/00000.png") == before
+
+
+def test_rows_are_keyed_on_what_made_their_images(world, tmp_path, capsys):
+    """A row's images are reused only for the same contents (LoRA, prompt texts, model, settings), wherever the
+    files lie; other contents are refused naming what changed, and rows of one name with other contents both stay."""
+    import shutil
+
+    out, lora = str(tmp_path / "rows"), str(tmp_path / "a" / "student.safetensors")
+    os.makedirs(os.path.dirname(lora))
+    lora_file(world["sd3"], lora)
+    first = sampled(world, out, "--limit=2", "--metrics=clip", "--lora", lora)
+    assert run(first, capsys)[0] == 0
+    before = os.path.getmtime(f"{out}/student.safetensors/00000.png")
+
+    def refused(argv: list, changed: str) -> None:
+        rc, _, err = run(argv, capsys)
+        line = err.strip().splitlines()[-1]  # after the scorers' loading line
+        assert rc == 2 and line.startswith("flowsteer_jax.evaluate: error: ") and changed in line, err
+        assert "--resample replaces them" in line and "Traceback" not in err, err
+        assert os.path.getmtime(f"{out}/student.safetensors/00000.png") == before
+
+    refused([*first, "--steps=3"], "steps: 2 -> 3")  # before: sampled over the row's images
+    other_vae = shutil.copytree(world["sd3"], tmp_path / "sd3_other_vae")
+    vae_file = next((other_vae / "vae").glob("*.safetensors"))
+    tensors = load_file(vae_file)
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] * np.float32(2)}, vae_file)
+    refused([first[0], other_vae, *first[2:]], "model.vae content")
+    tensors = load_file(lora)  # trained further: other adapters in the same file
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] + np.float32(0.5)}, lora)
+    refused(first, "lora content")
+    other = tmp_path / "other.txt"  # the same number of prompts, other texts
+    other.write_text("a green cat\na red dog\n")
+    refused(sampled(world, out, "--limit=2", "--metrics=clip", "--lora", lora, "--prompts", other), "prompts.sha256")
+    # --resample: the new contents' row joins the old one (same name, other key); both are in the table.
+    assert run([*first, "--resample"], capsys)[0] == 0
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    assert [r["label"] for r in rows] == ["student.safetensors"] * 2 and rows[0]["key"] != rows[1]["key"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert all(f"| student.safetensors [{r['key'][:8]}] |" in table for r in rows)
+    # The same LoRA and prompts at other paths are the same row: its images are reused, its row replaced.
+    moved = shutil.copy(lora, tmp_path / "student.safetensors")
+    prompts = shutil.copy(world["prompts"], tmp_path / "prompts.txt")
+    argv = sampled(world, out, "--limit=2", "--metrics=clip", "--lora", moved)
+    rc, _, err = run([*argv[:4], prompts, *argv[5:]], capsys)
+    assert rc == 0 and "reusing the 2 images" in err, err
+    assert len(json.load(open(os.path.join(out, "results.json")))["rows"]) == 2
+
+
+def test_report_rows_are_replaced_by_key_and_never_dropped_by_name(tmp_path):
+    """A row replaces the row of its key only; a keyless row (an older results.json, a toy world's) is replaced by
+    a keyless row of its name, never by a keyed one."""
+    row = lambda label, **kw: {"label": label, "metrics": {"clip_score": 1.0}, "provenance": {}, **kw}  # noqa: E731
+    out = str(tmp_path)
+    evaluate.write_report(out, [row("old")])
+    evaluate.write_report(out, [row("old", key="a" * 16), row("b", key="b" * 16)])
+    rows = evaluate.write_report(out, [row("renamed", key="b" * 16)])
+    assert [(r["label"], r.get("key")) for r in rows] == [("old", None), ("old", "a" * 16), ("renamed", "b" * 16)]
+    assert "| old [aaaaaaaa] |" in open(os.path.join(out, "results.md")).read()
+    assert [r["label"] for r in evaluate.write_report(out, [row("old")])] == ["old", "renamed", "old"]
+
+
+def test_a_sample_folder_is_scored_without_its_grid(world, first_run, tmp_path, capsys):
+    """`flowsteer_jax.sample --out=DIR` writes the images, grid.png and prompts.txt: `--images=DIR` scores the
+    images against the prompts (the grid is not an image of a prompt)."""
+    import shutil
+
+    out, _ = first_run
+    folder = tmp_path / "samples"
+    shutil.copytree(os.path.join(out, "tiny"), folder)
+    Image.new("RGB", (96, 64)).save(folder / "grid.png")
+    rc, lines, err = run(["--images", folder, "--metrics=clip", "--weights", world["weights"], "--out",
+                          tmp_path / "out"], capsys)  # fmt: skip
+    assert rc == 0 and f"not scoring {folder / 'grid.png'} (flowsteer_jax.sample's grid of the images)" in err, err
+    rows = json.load(open(tmp_path / "out" / "results.json"))["rows"]
+    assert rows[0]["provenance"]["images"]["count"] == len(PROMPTS)
 
 
 def test_fid_of_folders_equals_pytorch_fid(world, tmp_path, monkeypatch, capsys):

@@ -514,6 +514,28 @@ def test_weights_fingerprint_tells_weights_apart(tmp_path):
     assert a == b != c and len(a) == 16
 
 
+def test_folder_fingerprint_is_content_not_path(tmp_path):
+    """Any model folder (a tokenizer's files, configs, weights): a copy elsewhere has the same print, an edited
+    vocabulary or config another; the transformer's `weights_fingerprint` is unchanged by the shared reader."""
+    import shutil
+
+    from conversion.safetensors_io import folder_fingerprint, save_checkpoint, weights_fingerprint
+
+    folder = tmp_path / "text_encoder"
+    save_checkpoint({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(folder), name="model")
+    (folder / "config.json").write_text('{"hidden_size": 3}')
+    (folder / "sub").mkdir()
+    (folder / "sub" / "vocab.txt").write_text("a\nb\n")
+    moved = shutil.copytree(folder, tmp_path / "elsewhere" / "text_encoder")
+    first = folder_fingerprint(str(folder))
+    assert folder_fingerprint(str(moved)) == first and len(first) == 16
+    (moved / "sub" / "vocab.txt").write_text("a\nc\n")
+    assert folder_fingerprint(str(moved)) != first
+    (folder / "config.json").write_text('{"hidden_size": 4}')
+    assert folder_fingerprint(str(folder)) not in (first, folder_fingerprint(str(moved)))
+    assert weights_fingerprint(str(folder)) == "08d65cb2825df16b"  # the value before folder_fingerprint existed
+
+
 # --- never overwrite, the base's fingerprint, unreadable checkpoints, the ComfyUI file (issue #15) ---
 
 

@@ -270,6 +270,44 @@ def test_resume_refuses_a_changed_setting_unless_allowed(setup, reference, tmp_p
     assert _steps(workdir)[-1] == STEPS + 1
 
 
+def test_resume_checks_prompt_texts_and_text_encoders_by_content_not_path(setup, reference, tmp_path):
+    import json
+    import shutil
+
+    workdir = _copy_run(reference, tmp_path / "run")
+    with open(os.path.join(ROOT, "configs", "prompts", "tiny.txt")) as f:
+        text = f.read()
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"another prompt {i}\n" for i in range(50)))
+    no_t5 = str(tmp_path / "no_t5")
+    shutil.copytree(setup["model"], no_t5)
+    for name in ("text_encoder_3", "tokenizer_3"):
+        shutil.rmtree(os.path.join(no_t5, name))
+    index = os.path.join(no_t5, "model_index.json")
+    with open(index) as f:
+        entries = json.load(f)
+    with open(index, "w") as f:
+        json.dump({**entries, "text_encoder_3": [None, None], "tokenizer_3": [None, None]}, f)
+    err = _refused(setup, workdir, f"--config.data.prompts={other}", f"--config.model.path={no_t5}")
+    assert "prompts: checkpoint trained on 8 prompts" in err and "this run has 50" in err
+    assert "components.text_encoder_3: fingerprint" in err and "-> None" in err
+    assert "components.tokenizer_3" in err and "data.prompts" not in err
+    # The same prompts and pipeline at other paths are the same run; without the cache, the same steps too.
+    same = tmp_path / "same.txt"
+    same.write_text(text)
+    moved = shutil.copytree(setup["model"], tmp_path / "moved")
+    err = _run(
+        setup,
+        workdir,
+        f"--config.data.prompts={same}",
+        f"--config.model.path={moved}",
+        "--config.data.cache_embeddings=False",
+        f"--config.checkpoint.resume_step={STEPS - EVERY}",
+    )
+    assert f"at step {STEPS - EVERY}" in err and "base model moved" in err
+    _assert_same_state(_state(workdir), _state(reference))
+
+
 def test_unreadable_newest_checkpoint_is_refused_and_an_older_step_resumes(setup, reference, tmp_path):
     workdir = _copy_run(reference, tmp_path / "run")
     garbage = b"not an ocdbt manifest" * 10
@@ -310,6 +348,31 @@ def test_non_finite_steps_abort_and_keep_the_last_good_checkpoint(setup, tmp_pat
     steps = _steps(workdir)
     assert steps and steps[-1] < STEPS
     assert "the last good checkpoint is step" in proc.stderr and f"step {steps[-1]} in" in proc.stderr
+
+
+def test_a_run_ending_in_non_finite_updated_weights_fails_and_saves_nothing(setup, tmp_path):
+    """lr = 1e39 (inf in float32): step 1's loss and gradients are finite, its updated LoRA weights are not, so
+    it changes nothing, and neither do the 2 after it (fewer than train.max_bad_steps = 20). The run fails, and
+    no checkpoint is labelled with a step whose state it does not hold."""
+    workdir = str(tmp_path / "inf")
+    proc = subprocess.run(
+        _args(
+            setup,
+            workdir,
+            "--config.optim.lora.lr=1e39",
+            "--config.train.num_steps=3",
+            "--config.checkpoint.every_steps=1",
+        ),
+        env=setup["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    want = "3 non-finite steps in a row (the run's last steps, train.num_steps=3) at step 3, none saved; no checkpoint"
+    assert want in proc.stderr and _steps(workdir) == []
 
 
 def _free_port() -> int:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from conversion.safetensors_io import folder_fingerprint
 from flowsteer_jax.compose import data, evaluate, vae
 from flowsteer_jax.digits import teacher, text
 from flowsteer_jax.digits.evaluate import sample
@@ -182,6 +183,9 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         finish=report,
         fingerprint=f"digits_compose-text{c.text_seed}-pool{c.pool_seed}-{c.pool_size}-{c.tasks or 'all'}"
         + (f"-captions{float(c.caption_noise):g}" if c.caption_noise else ""),
+        config_section="compose",
+        config_folders=("compose.vae_dir", "compose.teacher_dir"),
+        components={"vae": folder_fingerprint(vae_dir(config, workdir))},
     )
 
 

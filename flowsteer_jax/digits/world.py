@@ -91,6 +91,8 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         score=lambda images: {"accuracy": float((evaluate.classify(images) == ev.digits).all(1).mean())},
         finish=report,
         fingerprint=f"digits-text{d.text_seed}-pool{d.pool_seed}-{d.pool_size}",
+        config_section="digits",
+        config_folders=("digits.teacher_dir",),
     )
 
 

@@ -18,16 +18,18 @@ Shape (all keys always present; `configs/` files override values, never add keys
   processes), `train.max_bad_steps` (abort after this many non-finite steps in a row), `train.log_every`.
 - `checkpoint.every_steps` (also at the end and on SIGTERM/SIGINT), `checkpoint.keep` (newest kept).
   `checkpoint.allow_changes`: run-defining settings (`flowsteer_jax.checkpoint.RUN_KEYS`: seed, world,
-  model.dtype, train.batch_size, the data stream, lora, disc, distill, loss, adv, optim) that a resume may change
-  on purpose: dotted keys or prefixes, e.g. `("optim.lora.lr",)` or `("optim",)`, or "base_fingerprint" for
-  other base weights with the same config.json; () = every change is refused (`train.num_steps` always may).
+  model.dtype, train.batch_size, the data stream, lora, disc, distill, loss, adv, optim, and the world's own
+  section) that a resume may change on purpose: dotted keys or prefixes, e.g. `("optim.lora.lr",)` or
+  `("optim",)`, or "base_fingerprint" for other base weights with the same config.json, "components.<name>"
+  (another text encoder, ...), "prompts" (other prompt texts); () = every change is refused (`train.num_steps`
+  always may).
   `checkpoint.resume_step`: the step to resume (-1 = the newest); an older one moves the newer steps to
   `WORKDIR/checkpoints_set_aside/` (never deleted): for a newest step that cannot be read, or a rollback.
 - `data.prompts`: a .txt / .jsonl / .parquet prompt file, a glob or folder of them, or a `datasets` save_to_disk
   folder, streamed (`flowsteer_jax/data.py`); `data.text_column` (the jsonl field / parquet or arrow column);
   `data.shuffle`; `data.negative_prompt` (CFG's unconditional prompt, "" as SD3); `data.max_sequence_length` (T5
-  tokens); `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there),
-  refused when it would take more than `data.cache_max_gib` GiB.
+  tokens); `data.cache_embeddings` (encode every prompt once into `WORKDIR/embeddings/` and read rows from there; the
+  same embeddings, bit for bit), refused when it would take more than `data.cache_max_gib` GiB.
 - `eval.every_steps` (0: only at the end), `eval.prompts` (fixed prompts of the sample grid), `eval.seed`;
   `eval.metrics`: scores of those samples logged to TensorBoard (`eval/<metric>`) with the grid: "auto" (every
   metric `eval.weights` allows, plus the world's own, e.g. the digits world's prompt accuracy), "" (none), or a

@@ -18,8 +18,8 @@ Per step, for a batch of B prompts (docs/design.md, "The FlowSteer step"):
    `optax.partition` applies clipped AdamW per branch. With `lambda_adv = lambda_fm = 0` there is no
    discriminator in the state, so none in the compiled step.
 6. With `ema.decay > 0`, `ema_update` moves `train_state["ema"]` towards the new LoRA.
-7. A non-finite loss or gradient keeps params, optimizer state and EMA (a select, so no NaN reaches them);
-   `step` still advances (fresh noise next time), `nonfinite` counts it, `metrics["finite"]` reports it.
+7. A non-finite loss, gradient or updated parameter keeps params, optimizer state and EMA (a select, so no NaN
+   reaches them); `step` still advances (fresh noise next time), `nonfinite` counts it, `metrics["finite"]` reports it.
 
 Metrics: `loss` (`L_student + L_D`, what is differentiated), `loss_student`, `loss_dist`, `loss_adv`,
 `loss_fm`, `loss_disc`, `d_real`, `d_fake`, `grad_norm_*`, `lr_*`, `finite`, `windows` (K * B trained).
@@ -188,7 +188,9 @@ def build_train_step(
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, starts, ends, cond, noise, k_t)
         updates, opt_state = optimizer.update(grads, train_state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        # A finite gradient can still overflow the parameters (a huge learning rate): they are checked too.
+        checked = jax.tree.leaves(grads) + jax.tree.leaves(new_params)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked]))
         keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)  # noqa: E731
         new_state = {
             "step": step + 1,

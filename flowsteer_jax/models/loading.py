@@ -27,7 +27,15 @@ from conversion import sd3_transformer, training_checkpoint
 from conversion import t5 as t5_conv
 from conversion import vae as vae_conv
 from conversion.errors import InputError
-from conversion.safetensors_io import Checkpoint, ConversionError, open_checkpoint, open_safetensors, save_checkpoint
+from conversion.safetensors_io import (
+    Checkpoint,
+    ConversionError,
+    folder_fingerprint,
+    open_checkpoint,
+    open_safetensors,
+    save_checkpoint,
+    weights_fingerprint,
+)
 from conversion.table import Entry, check_checkpoint, to_torch_state
 from flowsteer_jax.models.mmdit import MMDiT, MMDiTConfig
 from flowsteer_jax.models.text.clip import CLIPText, CLIPTextConfig
@@ -246,6 +254,22 @@ def pipeline_component(folder: str, name: str) -> str | None:
         where = f"{index_path} lists it" if index is not None else "no model_index.json to say it is absent"
         raise ConversionError(f"{folder}: no {name}/ folder ({where})")
     return path
+
+
+def pipeline_fingerprints(folder: str, names: Iterable[str]) -> dict[str, str | None]:
+    """`{name: fingerprint}` of the pipeline components `names`: what a run or a row used, by content, not path.
+
+    The transformer's is its `weights_fingerprint` (what checkpoints record as `base_fingerprint`), every other
+    component's its `folder_fingerprint`; None where the pipeline was saved without the component.
+    """
+    out: dict[str, str | None] = {}
+    for name in names:
+        path = pipeline_component(folder, name)
+        if path is None:
+            out[name] = None
+        else:
+            out[name] = weights_fingerprint(path) if name == "transformer" else folder_fingerprint(path)
+    return out
 
 
 # What each component folder of an SD3 pipeline must hold (weights: `*.safetensors`, single or sharded).

@@ -48,6 +48,14 @@ class World:
     # The world's own scores of the eval samples (NHWC images in [0, 1], in eval-prompt order), logged beside
     # `eval.metrics`; None: none.
     score: Callable[[np.ndarray], dict[str, float]] | None = None
+    # The world's own config section (e.g. "digits"): each of its keys defines the run, so a resume refuses a
+    # change (`checkpoint.run_settings`), but for `config_folders`, its keys naming folders whose content
+    # `components` (or the transformer's `base_fingerprint`) records: moving such a folder is no change.
+    config_section: str = ""
+    config_folders: tuple[str, ...] = ()
+    # {name: fingerprint} of every model the run uses besides the base transformer (text encoders, tokenizers,
+    # VAE; None: the pipeline has none): a resume refuses other content, wherever it lies.
+    components: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ log = logging.getLogger("flowsteer_jax.worlds.sd3")
 
 
 def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
-    from flowsteer_jax.models.loading import check_pipeline, load_vae
+    from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline, load_vae, pipeline_fingerprints
     from flowsteer_jax.text import SD3PromptEncoder
 
     path = config.model.path
@@ -84,5 +84,6 @@ def make_world(config: ml_collections.ConfigDict, workdir: str) -> World:
         encode=encode,
         decode=decode,
         fingerprint=fingerprint(os.path.abspath(path), digest, str(max_len), config.model.dtype),
+        components=pipeline_fingerprints(path, [n for n in SD3_COMPONENTS if n != "transformer"]),
         **({"num_train_timesteps": settings["num_train_timesteps"]} if settings else {}),
     )
