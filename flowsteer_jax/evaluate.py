@@ -129,6 +129,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string(
         "lora", [], "student LoRA (training workdir, exported folder, .safetensors) or `none`; repeat", flag_values=fv
     )
+    flags.DEFINE_float("lora_scale", 1.0, "multiplies every --lora's effect (Hyper-SD3's card: 0.125)", flag_values=fv)
     flags.DEFINE_multi_string("images", [], "score this folder's images instead of sampling; repeat", flag_values=fv)
     flags.DEFINE_string("digits", None, "a toy-world run (digits, digits_compose): its metrics", flag_values=fv)
     flags.DEFINE_list("labels", [], "row names (default: from the lora / model / folder)", flag_values=fv)
@@ -228,6 +229,9 @@ def _main(args) -> int:
     if ("fid" in metrics or "kid" in metrics) and args.ref is None:
         raise InputError("--metrics fid/kid need --ref=IMAGES_DIR (the real images to compare with)")
     specs = _row_specs(args)
+    for spec in specs:  # a bad --lora fails here, before any model loads
+        if spec.get("lora") is not None:
+            _check_lora(spec)
     t0 = time.perf_counter()
     scorers = Scorers(metrics, args.weights, batch_size=args.score_batch)
     print(f"loaded {', '.join(metrics)} scorers in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -279,6 +283,20 @@ def _main(args) -> int:
     return 0
 
 
+def _check_lora(spec: dict) -> None:
+    """The row's `--lora` read against its `--model`'s transformer config; one InputError naming the flag."""
+    from conversion.errors import ConversionError
+    from flowsteer_jax.models.loading import check_lora, check_pipeline
+
+    if not os.path.exists(spec["lora"]):
+        raise InputError(f"--lora={spec['lora']}: no such file or folder")
+    check_pipeline(spec["model"], ["transformer"], what="--model")
+    try:
+        check_lora(spec["lora"], spec["model"])
+    except (ConversionError, FileNotFoundError) as e:
+        raise InputError(f"--lora={spec['lora']}: {e}") from e
+
+
 def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):
     """Sample `prompts` for one row into `row_dir` (reusing images already there unless --resample).
 
@@ -295,6 +313,7 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
     settings = {
         "model": os.path.abspath(spec["model"]),
         "lora": os.path.abspath(spec["lora"]) if spec["lora"] else None,
+        "lora_scale": args.lora_scale,
         "steps": args.steps,
         "guidance": args.guidance,
         "schedule": args.schedule,
@@ -317,8 +336,6 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
                 f"{spec['label']}: reusing the {len(files)} images in {row_dir} (--resample to redo)", file=sys.stderr
             )
             return pipe, files, done["provenance"]
-    if spec["lora"] is not None and not os.path.exists(spec["lora"]):
-        raise InputError(f"--lora={spec['lora']}: no such file or folder")
     if pipe is None or pipe[0] != spec["model"]:
         pipe = None  # one pipeline in memory at a time
         skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
@@ -330,7 +347,7 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
         sd3.remove_lora()
     else:
         try:
-            sd3.load_lora(spec["lora"])
+            sd3.load_lora(spec["lora"], scale=args.lora_scale)
         except (ConversionError, FileNotFoundError) as e:
             raise InputError(f"--lora={spec['lora']}: {e}") from e
     height = args.height or sd3.default_sample_size * sd3.vae_scale_factor

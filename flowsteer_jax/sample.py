@@ -36,7 +36,7 @@ from conversion.errors import ConversionError, InputError
 from flowsteer_jax import cli
 from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
 from flowsteer_jax.images import save_grid
-from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
+from flowsteer_jax.models.loading import SD3_COMPONENTS, check_lora, check_pipeline
 from flowsteer_jax.xla_cpu import use_inference_flags
 
 PROG = "flowsteer_jax.sample"
@@ -102,6 +102,11 @@ def _main(args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
     check_pipeline(args.model, [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
+    if args.lora is not None:
+        try:
+            check_lora(args.lora, args.model)
+        except (ConversionError, FileNotFoundError) as e:
+            raise InputError(f"--lora={args.lora}: {e}") from e
     from flowsteer_jax.pipeline import SD3Pipeline
 
     os.makedirs(args.out, exist_ok=True)

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 
 from conversion.errors import ConversionError
 from conversion.lora import LAYOUTS, from_state_dict, layout_modules, linear_modules, to_layout
+from flowsteer_jax import evaluate, sample
 from flowsteer_jax.pipeline import SD3Pipeline
 from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
 from tests.test_lora import TINY
@@ -107,47 +108,47 @@ def test_unknown_layout_is_one_line_naming_an_example_key():
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def folder(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("sd3_layouts"))
     write_tiny_pipeline(folder, with_t5=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
     return SD3Pipeline.from_pretrained(folder, dtype=jnp.float32, t5=False)
 
 
-def test_load_lora_each_layout_same_forward_and_images(pipe, tmp_path):
+def test_load_lora_each_layout_samples_the_same_images(pipe, tmp_path):
+    """A kohya-layout LoRA and a ComfyUI-layout LoRA (and a OneTrainer one) of the same weights sample the same
+    images as the PEFT file; a kohya file's alpha / rank = 1/2 applies its up matrix at half strength."""
     config = pipe.transformer.config.to_diffusers()
     flat = random_lora(config, shared=True, seed=1)
     flat = {k: v * np.float32(0.05) for k, v in flat.items()}  # a LoRA that changes the images but not wildly
-    files = {}
-    for layout, alpha, dtype in [
-        ("peft", None, None),
-        ("kohya", ALPHA, None),
-        ("comfyui", None, None),  # ComfyUI's LoRA save writes no alpha keys
-        ("onetrainer", ALPHA, None),
-    ]:
-        files[layout] = str(tmp_path / f"{layout}.safetensors")
-        save_file(to_layout(flat, 1.0, config, layout, alpha=alpha, dtype=dtype), files[layout])
-    # kohya's alpha by hand: the up matrix as trained (not pre-divided), alpha / rank = 1/2 applied on loading
+    files = {
+        "peft": to_layout(flat, 1.0, config, "peft"),
+        "peft_half": to_layout(flat, 0.5, config, "peft"),
+        "kohya": to_layout(flat, 1.0, config, "kohya", alpha=ALPHA),
+        "comfyui": to_layout(flat, 1.0, config, "comfyui"),  # ComfyUI's LoRA save writes no alpha keys
+        "onetrainer": to_layout(flat, 1.0, config, "onetrainer", alpha=ALPHA),
+    }
+    # kohya's alpha by hand: the up matrix as trained (not pre-divided by alpha / rank), applied at half strength
     kohya = to_layout(flat, 1.0, config, "kohya")
-    kohya.update({k.replace(".lora_up.weight", ".alpha"): np.asarray(ALPHA, np.float32) for k in kohya if "lora_up" in k})
-    files["kohya_halved"] = str(tmp_path / "kohya_halved.safetensors")
-    save_file(kohya, files["kohya_halved"])
-
+    kohya.update({k.replace(".lora_up.weight", ".alpha"): np.asarray(ALPHA, np.float32) for k in kohya if "_up" in k})
+    files["kohya_halved"] = kohya
     kw = dict(num_inference_steps=2, guidance_scale=0.0, schedule="rectified", output_type="np", max_sequence_length=8)
-    prompts = ["a photo of a red cat", "the blue cube"]
-    base = np.asarray(pipe(prompts, **kw))
     images = {}
-    for name, path in files.items():
+    for name, state in files.items():
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file(state, path)
         pipe.load_lora(path)
-        images[name] = np.asarray(pipe(prompts, **kw))
-    pipe.load_lora(files["peft"], scale=0.5)
-    images["peft_half"] = np.asarray(pipe(prompts, **kw))
+        images[name] = np.asarray(pipe(["a photo of a red cat"], **kw))
     pipe.remove_lora()
 
-    assert np.abs(images["peft"] - base).max() > 1e-2  # the LoRA changes the images
+    assert np.abs(images["peft_half"] - images["peft"]).max() > 1e-2  # the LoRA's strength shows in the images
     for name in ("kohya", "comfyui", "onetrainer"):
         np.testing.assert_array_equal(images[name], images["peft"], err_msg=name)
     np.testing.assert_array_equal(images["kohya_halved"], images["peft_half"])
-    assert np.abs(images["peft_half"] - images["peft"]).max() > 1e-3
 
     bad = str(tmp_path / "lycoris.safetensors")
     save_file({"lycoris_joint_blocks_0_x_block_attn_qkv.lora_up.weight": np.zeros((48, 4), np.float32)}, bad)
@@ -155,4 +156,24 @@ def test_load_lora_each_layout_same_forward_and_images(pipe, tmp_path):
         pipe.load_lora(bad)
     assert "\n" not in str(e.value) and str(e.value).startswith(f"{bad}: not an SD3 transformer LoRA")
     assert "lycoris_joint_blocks_0_x_block_attn_qkv.lora_up.weight" in str(e.value)
-    assert os.path.isfile(bad)
+
+
+def test_sample_and_evaluate_refuse_an_unknown_layout_before_any_model_loads(folder, tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the --lora check")
+
+    monkeypatch.setattr(SD3Pipeline, "from_pretrained", no_model)
+    monkeypatch.setattr(evaluate, "Scorers", no_model)
+    bad = str(tmp_path / "lycoris.safetensors")
+    save_file({"lycoris_joint_blocks_0_x_block_attn_qkv.lora_up.weight": np.zeros((48, 4), np.float32)}, bad)
+    common = [f"--model={folder}", f"--lora={bad}", f"--out={tmp_path / 'out'}"]
+    for program, argv in [
+        (sample, ["--prompt=a cat", "--no_t5", *common]),
+        (evaluate, ["--metrics=clip", f"--weights={tmp_path}", *common]),
+    ]:
+        assert program.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert err[0].startswith(f"{program.PROG}: error: --lora={bad}: {bad}: not an SD3 transformer LoRA"), err
+        assert "example key 'lycoris_joint_blocks_0_x_block_attn_qkv.lora_up.weight'" in err[0]
+    assert not os.path.exists(tmp_path / "out")
