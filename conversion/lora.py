@@ -179,13 +179,9 @@ def to_peft(
 
 
 def comfyui_names(table_or_config: Iterable[Entry] | Mapping[str, Any]) -> dict[str, str]:
-    """Dotted Flax module path -> its ComfyUI/kohya key stem (`lora_transformer_transformer_blocks_0_attn_to_q`)."""
-    out = {
-        path: COMFYUI_PREFIX + torch_module(e).replace(".", "_") for path, e in linear_modules(table_or_config).items()
-    }
-    if len(set(out.values())) != len(out):  # underscores in module names could collide; SD3's never do
-        raise ConversionError("ComfyUI LoRA names collide for this transformer")
-    return out
+    """Dotted Flax module path -> its ComfyUI/kohya key stem (`lora_transformer_transformer_blocks_0_attn_to_q`):
+    the `onetrainer` layout's names."""
+    return {parts[0][0]: stem for stem, parts in layout_modules(table_or_config, "onetrainer").items()}
 
 
 def to_comfyui(

@@ -18,7 +18,7 @@ from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoi
 from safetensors.numpy import save_file
 
 from conversion.errors import ConversionError
-from conversion.lora import LAYOUTS, from_state_dict, layout_modules, linear_modules, to_layout
+from conversion.lora import LAYOUTS, from_state_dict, layout_modules, linear_modules, to_comfyui, to_layout
 from flowsteer_jax import evaluate, sample
 from flowsteer_jax.pipeline import SD3Pipeline
 from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
@@ -73,6 +73,15 @@ def test_each_layout_round_trips_both_ways(layout, alpha):
         up = file["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight"]
         assert up.shape == (3 * 16, 3 * RANK) and "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_up.weight" in file
         assert ("lora_unet_joint_blocks_0_x_block_attn_qkv.alpha" in file) == (alpha is not None)
+
+
+def test_the_exports_comfyui_file_reads_back():
+    """`export --format=comfyui` writes `to_comfyui` (alpha 8, rank 4: scale 2); it loads as the `onetrainer` layout."""
+    flat = random_lora(CONFIG, shared=False)
+    back, rank, layout = from_state_dict(to_comfyui(flat, 8.0, CONFIG), CONFIG)
+    assert (layout, rank) == ("onetrainer", RANK) and back.keys() == flat.keys()
+    for k in flat:
+        np.testing.assert_array_equal(back[k], flat[k] * (2.0 if k.endswith("lora_b") else 1.0), err_msg=k)
 
 
 def test_sai_names_agree_with_diffusers_sai_converter():
