@@ -6,7 +6,8 @@ r"""Score a model the way the paper does: PickScore, HPSv2, CLIP score (and FID/
     python -m flowsteer_jax.evaluate --images=DIR [--images=DIR2 ...] [--prompts=FILE] --weights=DIR --out=DIR
     python -m flowsteer_jax.evaluate --digits=RUN_DIR --out=DIR      # the digits world's own metrics
 
-Rows: every `--model` (each `--lora`, `none` = the base, gives a row of its own), or every `--images` folder
+Rows: every `--model` (each `--lora`, `none` = the base, gives a row of its own; any published SD3 LoRA layout,
+`--lora_scale` for all of them, each checked before any model loads), or every `--images` folder
 (another method's outputs, scored the same way; prompts from `--prompts` or the folder's `prompts.txt`, in file
 order). Sampling writes `DIR/<row>/00000.png, ...` with fixed noise: image `i` starts from (`--seed`, `i`) for every
 row, so rows compare image for image. Each row's per-image scores go to `DIR/<row>/scores.csv`; `DIR/results.json`

@@ -12,7 +12,8 @@ extension) is taken as the prompt itself. A missing prompt file or model folder,
 
 Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress bar over batches. `--lora` applies
 a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an exported folder
-(`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
+(`pytorch_lora_weights.safetensors`) or a `.safetensors` file in any published SD3 LoRA layout (PEFT/diffusers,
+kohya/SAI, ComfyUI, OneTrainer), read against the model's transformer config before any model loads.
 Image `i` uses noise (`seed`, `i`) whatever `--batch` is, so reruns (and other models) compare image for image.
 On a CPU-only machine the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag
 already set there wins).
