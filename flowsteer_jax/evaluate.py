@@ -6,7 +6,8 @@ r"""Score a model the way the paper does: PickScore, HPSv2, CLIP score (and FID/
     python -m flowsteer_jax.evaluate --images=DIR [--images=DIR2 ...] [--prompts=FILE] --weights=DIR --out=DIR
     python -m flowsteer_jax.evaluate --digits=RUN_DIR --out=DIR      # the digits world's own metrics
 
-Rows: every `--model` (each `--lora`, `none` = the base, gives a row of its own), or every `--images` folder
+Rows: every `--model` (each `--lora`, `none` = the base, gives a row of its own; any published SD3 LoRA layout,
+`--lora_scale` for all of them, each checked before any model loads), or every `--images` folder
 (another method's outputs, scored the same way; prompts from `--prompts` or the folder's `prompts.txt`, in file
 order). Sampling writes `DIR/<row>/00000.png, ...` with fixed noise: image `i` starts from (`--seed`, `i`) for every
 row, so rows compare image for image. Each row's per-image scores go to `DIR/<row>/scores.csv`; `DIR/results.json`
@@ -148,6 +149,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string(
         "lora", [], "student LoRA (training workdir, exported folder, .safetensors) or `none`; repeat", flag_values=fv
     )
+    flags.DEFINE_float("lora_scale", 1.0, "multiplies every --lora's effect (Hyper-SD3's card: 0.125)", flag_values=fv)
     flags.DEFINE_multi_string("images", [], "score this folder's images instead of sampling; repeat", flag_values=fv)
     flags.DEFINE_string("digits", None, "a toy-world run (digits, digits_compose): its metrics", flag_values=fv)
     flags.DEFINE_list("labels", [], "row names (default: from the lora / model / folder)", flag_values=fv)
@@ -251,6 +253,9 @@ def _main(args) -> int:
     if args.score_batch < 1 or args.limit < 0:
         raise InputError(f"--score_batch={args.score_batch} must be >= 1 and --limit={args.limit} >= 0")
     specs = _row_specs(args)
+    for spec in specs:  # a bad --lora fails here, before any model loads
+        if spec.get("lora") is not None:
+            _check_lora(spec)
     models = sorted({s["model"] for s in specs if "model" in s})
     for model in models:  # every sampled model and the sampling flags, before the scorers load
         skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
@@ -356,6 +361,20 @@ def _changes(old: dict, new: dict) -> str:
     return ", ".join(out)
 
 
+def _check_lora(spec: dict) -> None:
+    """The row's `--lora` read against its `--model`'s transformer config; one InputError naming the flag."""
+    from conversion.errors import ConversionError
+    from flowsteer_jax.models.loading import check_lora, check_pipeline
+
+    if not os.path.exists(spec["lora"]):
+        raise InputError(f"--lora={spec['lora']}: no such file or folder")
+    check_pipeline(spec["model"], ["transformer"], what="--model")
+    try:
+        check_lora(spec["lora"], spec["model"])
+    except (ConversionError, FileNotFoundError) as e:
+        raise InputError(f"--lora={spec['lora']}: {e}") from e
+
+
 def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):
     """Sample `prompts` for one row into `row_dir`, or reuse the images there if they were sampled for the same
     contents (the row's key), unless --resample. Images sampled for other contents are refused, naming what
@@ -381,6 +400,7 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
     settings = {
         "model": os.path.abspath(spec["model"]),
         "lora": os.path.abspath(spec["lora"]) if spec["lora"] else None,
+        "lora_scale": args.lora_scale,
         "steps": args.steps,
         "guidance": args.guidance,
         "schedule": args.schedule,
@@ -427,7 +447,7 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
         sd3.remove_lora()
     else:
         try:
-            sd3.load_lora(spec["lora"])
+            sd3.load_lora(spec["lora"], scale=args.lora_scale)
         except (ConversionError, FileNotFoundError) as e:
             raise InputError(f"--lora={spec['lora']}: {e}") from e
     height = args.height or sd3.default_sample_size * sd3.vae_scale_factor

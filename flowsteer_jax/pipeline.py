@@ -15,9 +15,10 @@
 - With several devices (or inside `jax.set_mesh`), the batch is sharded over the mesh's data axes.
 
 LoRA: `pipe.load_lora(path, scale=1.0)` takes a training workdir (its latest orbax checkpoint), an exported folder
-(`pytorch_lora_weights.safetensors`) or a `.safetensors` file (PEFT `lora_A`/`lora_B` or `lora.down`/`lora.up`
-keys). It swaps the named `nnx.Linear`s of `self.transformer` for `LoRALinear`s in place (loading again replaces
-the previous adapters, never stacks) and calls `self._refresh_transformer()` so the next call uses them.
+(`pytorch_lora_weights.safetensors`) or a `.safetensors` file in any published SD3 layout (PEFT/diffusers, kohya/SAI,
+ComfyUI, OneTrainer: `conversion.lora.from_state_dict`). It swaps the named `nnx.Linear`s of `self.transformer`
+for `LoRALinear`s in place (loading again replaces the previous adapters, never stacks) and calls
+`self._refresh_transformer()` so the next call uses them.
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ class SD3Pipeline:
 
         `path`: a training workdir (the latest orbax checkpoint in `checkpoints/`; the run's `alpha / rank` is
         applied and its transformer config must equal ours), a folder with `pytorch_lora_weights.safetensors`, or
-        a `.safetensors` file (PEFT `lora_A`/`lora_B` keys, with or without `transformer.`, or `lora.down`/
-        `lora.up` with optional `.alpha`). `scale` multiplies the adapters' effect. Loading again replaces the
-        previous adapters. Strict: a key that maps to no Linear of this transformer raises ConversionError.
+        a `.safetensors` file in a layout `conversion.lora.from_state_dict` reads (PEFT/diffusers, kohya/SAI
+        `lora_unet_*` with fused qkv and alpha, ComfyUI `diffusion_model.*`, OneTrainer `lora_transformer_*`).
+        `scale` multiplies the adapters' effect. Loading again replaces the previous adapters. Strict: a file of
+        no known layout, or a key that maps to no Linear of this transformer, raises ConversionError.
         """
         pairs, layer_scale = read_lora(path, self.transformer.config, scale)
         adapted = set_lora(self.transformer, pairs, layer_scale, mesh=self.mesh, rules=self.rules)

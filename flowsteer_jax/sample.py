@@ -12,7 +12,8 @@ extension) is taken as the prompt itself. A missing prompt file or model folder,
 
 Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress bar over batches. `--lora` applies
 a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an exported folder
-(`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
+(`pytorch_lora_weights.safetensors`) or a `.safetensors` file in any published SD3 LoRA layout (PEFT/diffusers,
+kohya/SAI, ComfyUI, OneTrainer), read against the model's transformer config before any model loads.
 Image `i` uses noise (`seed`, `i`) whatever `--batch` is, so reruns (and other models) compare image for image.
 On a CPU-only machine the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag
 already set there wins).
@@ -40,7 +41,7 @@ from flowsteer_jax import cli
 from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
 from flowsteer_jax.distill.config import MAX_SEQUENCE_LENGTH, SEED_LIMIT
 from flowsteer_jax.images import GRID, save_grid, save_png
-from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
+from flowsteer_jax.models.loading import SD3_COMPONENTS, check_lora, check_pipeline
 from flowsteer_jax.xla_cpu import use_inference_flags
 
 PROG = "flowsteer_jax.sample"
@@ -131,6 +132,11 @@ def _main(args) -> int:
     skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
     check_pipeline(args.model, [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
     check_sampling(args, [args.model])
+    if args.lora is not None:
+        try:
+            check_lora(args.lora, args.model)
+        except (ConversionError, FileNotFoundError) as e:
+            raise InputError(f"--lora={args.lora}: {e}") from e
     from flowsteer_jax.pipeline import SD3Pipeline
 
     os.makedirs(args.out, exist_ok=True)

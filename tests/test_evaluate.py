@@ -178,6 +178,11 @@ def test_noise_is_per_image_and_lora_rows(world, first_run, tmp_path, capsys):
     before = os.path.getmtime(f"{new}/base/00000.png")
     rc, _, err = run(sampled(world, new, "--batch=3", "--metrics=clip", "--labels=base"), capsys)
     assert rc == 0 and "reusing the 6 images" in err and os.path.getmtime(f"{new}/base/00000.png") == before
+    # --lora_scale is a sampling setting: the student row at scale 0 is sampled again, and is the base
+    rc, _, err = run(sampled(world, new, "--batch=3", "--metrics=clip", "--lora", lora, "--lora_scale=0",
+                             "--labels=student"), capsys)  # fmt: skip
+    assert rc == 0 and "reusing" not in err, err
+    assert np.abs(pixels(f"{new}/student") - base).max() <= 1
 
 
 def test_rows_are_keyed_on_what_made_their_images(world, tmp_path, capsys):

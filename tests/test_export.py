@@ -32,7 +32,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conversion.lora import PEFT_FILE, from_peft, fuse, to_peft
+from conversion.lora import PEFT_FILE, from_state_dict, fuse, to_peft
 from conversion.safetensors_io import ConversionError
 from conversion.sd3_transformer import param_table
 from conversion.training_checkpoint import CheckpointError, read_lora
@@ -346,14 +346,14 @@ def test_round_trips_bit_exact(world, student, ours):
     model, meta = student
     tconf = meta["transformer_config"]
     flat = world["flat"]
-    back, rank = from_peft(to_peft(flat, 1.0, tconf), tconf)
+    back, rank, _ = from_state_dict(to_peft(flat, 1.0, tconf), tconf)
     assert rank == RANK and back.keys() == flat.keys()
     for k in flat:
         np.testing.assert_array_equal(back[k], flat[k])
     # the exported file: scale 2 folded into B, exact
     with safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
-    back, _ = from_peft(sd, tconf)
+    back, _, _ = from_state_dict(sd, tconf)
     for k in flat:
         np.testing.assert_array_equal(back[k], flat[k] * (2.0 if k.endswith("lora_b") else 1.0))
 
@@ -402,13 +402,13 @@ def test_strict_errors(world, tmp_path):
     bad = dict(sd)
     bad["transformer.transformer_blocks.0.attn.to_qq.lora_A.weight"] = next(iter(sd.values()))
     with pytest.raises(ConversionError, match=r"to_qq.*maps to no Linear"):
-        from_peft(bad, tconf)
+        from_state_dict(bad, tconf)
     bad = {k: v for k, v in sd.items() if not k.endswith("to_k.lora_B.weight")}
     with pytest.raises(ConversionError, match=r"transformer_blocks.0.attn.to_k.*needs both"):
-        from_peft(bad, tconf)
+        from_state_dict(bad, tconf)
     bad = {**sd, "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": np.zeros(3, np.float32)}
     with pytest.raises(ConversionError, match="lora_magnitude_vector.*not a LoRA key"):
-        from_peft(bad, tconf)
+        from_state_dict(bad, tconf)
     path = str(tmp_path / "bad.safetensors")
     save_file({**sd, "transformer.pos_embed.proj.lora_A.weight": np.zeros((4, 2), np.float32)}, path)
     pipe = SD3Pipeline.__new__(SD3Pipeline)  # load_lora needs only the transformer

@@ -33,6 +33,7 @@ from conversion.safetensors_io import (
     folder_fingerprint,
     open_checkpoint,
     open_safetensors,
+    read_json,
     save_checkpoint,
     weights_fingerprint,
 )
@@ -111,12 +112,13 @@ def read_lora(
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
     """A LoRA for the transformer of `transformer_config` -> (`{module path: (A (in, r), B (r, out))}`, layer scale).
 
-    `path`: a `.safetensors` file (PEFT `lora_A`/`lora_B` keys, with or without `transformer.`, or `lora.down`/
-    `lora.up` with optional `.alpha`, folded into B), a folder with `pytorch_lora_weights.safetensors`, or a
-    training workdir (its latest orbax checkpoint: the run's `alpha / rank` joins the layer scale, and its
-    transformer config must equal `transformer_config`). The layer scale is `scale` times that. Strict: a key that
-    maps to no Linear of this transformer raises ConversionError naming `path`; FileNotFoundError when `path` is
-    none of the three.
+    `path`: a `.safetensors` file in any layout `conversion.lora.from_state_dict` reads (PEFT/diffusers,
+    kohya/SAI `lora_unet_*` with fused qkv, ComfyUI `diffusion_model.*`, OneTrainer `lora_transformer_*`; any
+    `.alpha` folded into B), a folder with `pytorch_lora_weights.safetensors`, or a training workdir (its latest
+    orbax checkpoint: the run's `alpha / rank` joins the layer scale, and its transformer config must equal
+    `transformer_config`). The layer scale is `scale` times that. Strict: a file of no known layout, or a key
+    that maps to no Linear of this transformer, raises ConversionError naming `path`; FileNotFoundError when
+    `path` is none of the three.
     """
     if isinstance(transformer_config, MMDiTConfig):
         transformer_config = transformer_config.to_diffusers()
@@ -126,7 +128,7 @@ def read_lora(
         with open_safetensors(weights) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
         try:
-            flat, _ = lora_conv.from_peft(state, table)
+            flat, _, _ = lora_conv.from_state_dict(state, table)
         except ConversionError as e:
             raise ConversionError(f"{weights}: {e}") from e
         layer_scale = float(scale)
@@ -149,6 +151,12 @@ def read_lora(
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from e
     return {module: (a, b) for module, (_, a, b) in pairs.items()}, layer_scale
+
+
+def check_lora(path: str, model_folder: str) -> None:
+    """`read_lora` of `path` against the transformer config of the pipeline folder `model_folder`, loading no model:
+    the programs run it first, so a bad `--lora` fails at once rather than after the models load."""
+    read_lora(path, read_json(os.path.join(pipeline_component(model_folder, "transformer"), "config.json"), "config"))
 
 
 def flat_params(model: nnx.Module) -> dict[tuple, np.ndarray]:
