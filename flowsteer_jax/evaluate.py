@@ -40,7 +40,7 @@ from absl import flags
 
 from conversion.errors import InputError
 from conversion.torch_files import sha256 as sha256_file
-from flowsteer_jax import cli
+from flowsteer_jax import cli, outputs
 from flowsteer_jax.evaluation.metrics import (
     METRICS,
     TEXT_METRICS,
@@ -102,7 +102,8 @@ def write_report(out: str, new_rows: Sequence[dict], *, columns=None, header: st
             raise InputError(f"{path}: unreadable results of an earlier run ({e}); move it away or pick --out") from e
     labels = {r["label"] for r in new_rows}
     rows = [r for r in rows if r["label"] not in labels] + list(new_rows)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    outputs.clean_stale(path)
+    tmp = outputs.temp_path(path)
     with open(tmp, "w") as f:
         json.dump({"rows": rows}, f, indent=2)
     os.replace(tmp, path)
@@ -210,8 +211,13 @@ def _prompts(args, folder: str | None) -> tuple[list[str] | None, str | None]:
 
 
 def _main(args) -> int:
-    if args.digits is not None:
-        return _main_digits(args)
+    inputs = [*args.model, *args.lora, *args.images, args.ref, args.weights, args.digits]
+    output = outputs.prepare_output(args.out, PROG, inputs=[p for p in inputs if p != "none"], staged=False)
+    with cli.log_to(output.log_file):
+        return _main_digits(args) if args.digits is not None else _main_sd3(args)
+
+
+def _main_sd3(args) -> int:
     from flowsteer_jax.evaluation.fid import image_files  # imports jax: not at start-up (--help, bad flags)
 
     if args.weights is not None and not os.path.isdir(args.weights):

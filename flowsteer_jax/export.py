@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -50,7 +49,7 @@ from conversion.lora import COMFYUI_FILE, PEFT_FILE, fuse, lora_pairs, to_comfyu
 from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint, weights_fingerprint
 from conversion.table import check_checkpoint
 from conversion.training_checkpoint import CheckpointError, read_lora, resolve_step
-from flowsteer_jax import cli
+from flowsteer_jax import cli, outputs
 from flowsteer_jax.flow import schedules
 
 PROG = "flowsteer_jax.export"
@@ -184,51 +183,6 @@ def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-def _within(path: str, folder: str) -> bool:
-    """`path` is `folder` or inside it (real paths)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def protected_folders(model: str | None, base_folder: str | None, checkpoint: str) -> dict[str, str]:
-    """Real path -> what it is, for every folder an export must never replace: the base pipeline folder, its
-    `transformer/` folder, the folders that hold the base weight files (symlink targets too, as in a hub cache),
-    and the training workdir's checkpoints."""
-    out: dict[str, str] = {}
-    if model:
-        out[_real(model)] = f"the base model folder {model}"
-        if os.path.isdir(os.path.join(model, "transformer")):
-            out[_real(os.path.join(model, "transformer"))] = f"the base transformer folder {model}/transformer"
-        parent = os.path.dirname(_real(model))
-        if os.path.isfile(os.path.join(parent, "model_index.json")):  # --model named the transformer/ itself
-            out.setdefault(parent, f"the base pipeline folder {parent}")
-    if base_folder:
-        out.setdefault(_real(base_folder), f"the base transformer folder {base_folder}")
-        if os.path.isdir(base_folder):
-            for name in os.listdir(base_folder):
-                if name.endswith((".safetensors", ".json")):
-                    real = os.path.dirname(_real(os.path.join(base_folder, name)))
-                    out.setdefault(real, f"the folder holding the base weights of {base_folder}")
-    if os.path.isdir(checkpoint):
-        out.setdefault(_real(checkpoint), f"the training workdir {checkpoint}")
-    return out
-
-
-def check_out(out: str, protected: dict[str, str], overwrite: bool | None) -> None:
-    """Refuse an `--out` that is (or contains) a protected folder, always; and (unless `overwrite` is None: not
-    checked yet) an existing non-empty one unless `overwrite`. InputError naming both paths."""
-    real = _real(out)
-    for folder, what in protected.items():
-        if _within(folder, real):
-            how = "is" if folder == real else "contains"
-            raise InputError(
-                f"--out={out} {how} {what}; an export never writes there, even with --overwrite (choose another --out)"
-            )
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise InputError(f"--out={out} exists and is not a folder")
-    if overwrite is not None and os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise InputError(f"--out={out} exists and is not empty; pass --overwrite to replace it (all of it)")
-
-
 def _checked_fingerprint(meta: dict, base_folder: str, step_dir: str, model: str | None) -> str:
     """The base transformer's `weights_fingerprint`; InputError when the checkpoint recorded another one, a
     one-line warning when it recorded none (a checkpoint from before `base_fingerprint`)."""
@@ -247,21 +201,6 @@ def _checked_fingerprint(meta: dict, base_folder: str, step_dir: str, model: str
             f"{have} vs {want} recorded in {step_dir}/meta; pass --model=<the base it was trained on>"
         )
     return have
-
-
-def _replace(tmp: str, out: str) -> None:
-    """Move the finished `tmp` to `out`: an existing `out` is moved aside first and deleted after."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old)
 
 
 def export(
@@ -313,13 +252,10 @@ def export(
             base_folder = transformer_folder(model)
         except ConversionError:
             base_folder = None
-    protected = protected_folders(model, base_folder, checkpoint)
-    recorded = meta.get("model_path")
-    if recorded and recorded != model:  # --model named another base: the recorded one is protected too
-        protected = {**protected_folders(recorded, None, checkpoint), **protected}
-    check_out(out, protected, None)  # never the base: before anything else is said about it
+    inputs = [checkpoint, model, base_folder, meta.get("model_path")]
+    outputs.check_output(out, PROG, overwrite=None, inputs=inputs)  # never the base: before anything else
     raw_base = check_base(base_folder, tconf) if base_folder is not None else None
-    check_out(out, protected, overwrite)
+    outputs.check_output(out, PROG, overwrite=overwrite, inputs=inputs)
     if do_fuse:
         fingerprint = _checked_fingerprint(meta, base_folder, step_dir, model)
     else:  # only recorded: the LoRA file does not hold the base
@@ -328,13 +264,10 @@ def export(
         except ConversionError:
             fingerprint = None
 
-    out = out.rstrip(os.sep) or out
-    tmp = f"{out}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
     files: dict[str, str] = {}
-    try:
+    output = outputs.prepare_output(out, PROG, overwrite=overwrite, inputs=inputs)
+    tmp = output.dir
+    with output, cli.log_to(output.log_file):
         if fmt in ("peft", "both"):
             peft = to_peft(flat, scale, table, dtype=dtypes[dtype or "fp32"])
             save_checkpoint(peft, tmp, name=PEFT_FILE[: -len(".safetensors")], max_shard_bytes=None)
@@ -375,10 +308,7 @@ def export(
         with open(os.path.join(tmp, EXPORT_RECORD), "w") as f:
             json.dump(record, f, indent=2)
         files["record"] = EXPORT_RECORD
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        output.commit()
     return {what: os.path.join(out, name) for what, name in files.items()}
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from conversion.errors import ConversionError, InputError
-from flowsteer_jax import cli
+from flowsteer_jax import cli, outputs
 from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
 from flowsteer_jax.images import save_grid
 from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
@@ -81,6 +81,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("no_t5", False, "skip the T5 encoder (its tokens become zeros)", flag_values=fv)
     flags.DEFINE_string("lora", None, "student LoRA: training workdir, exported folder or .safetensors", flag_values=fv)
     flags.DEFINE_float("lora_scale", 1.0, "multiplies the LoRA's effect (with --lora)", flag_values=fv)
+    flags.DEFINE_bool(
+        "overwrite", False, "replace an earlier output of this program at --out (all of it)", flag_values=fv
+    )
 
 
 def parse_args(argv: list[str] | None = None):
@@ -102,9 +105,18 @@ def _main(args) -> int:
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     skip_t5 = ("text_encoder_3", "tokenizer_3") if args.no_t5 else ()
     check_pipeline(args.model, [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
+    output = outputs.prepare_output(args.out, PROG, overwrite=args.overwrite, inputs=[args.model, args.lora])
+    with output, cli.log_to(output.log_file):
+        count = _sample(args, prompts, output.dir)
+        output.commit()
+    print(f"wrote {count} images and grid.png to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _sample(args, prompts: list[str], out: str) -> int:
+    """Load the pipeline (and LoRA), write the images, grid.png and prompts.txt into `out`; the image count."""
     from flowsteer_jax.pipeline import SD3Pipeline
 
-    os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     pipe = SD3Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], t5=not args.no_t5)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -117,7 +129,7 @@ def _main(args) -> int:
     paths = write_images(
         pipe,
         prompts,
-        args.out,
+        out,
         batch=args.batch,
         seed=args.seed,
         num_inference_steps=args.steps,
@@ -130,11 +142,11 @@ def _main(args) -> int:
     )
     images = [Image.open(p) for p in paths]
     pixels = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images])
-    save_grid(os.path.join(args.out, "grid.png"), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
-    with open(os.path.join(args.out, "prompts.txt"), "w") as f:
+    save_grid(os.path.join(out, "grid.png"), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
+    with open(os.path.join(out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
-    print(f"wrote {len(images)} images and grid.png to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
-    return 0
+    print(f"sampled {len(images)} images ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    return len(images)
 
 
 def write_images(pipe, prompts: list[str], out: str, *, batch: int, seed: int, desc: str = "", **sampling) -> list[str]:

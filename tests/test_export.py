@@ -428,7 +428,7 @@ def test_strict_errors(world, tmp_path):
 
 
 EXPORT_MODULES = {"flowsteer_jax", "flowsteer_jax.cli", "flowsteer_jax.export", "flowsteer_jax.flow"}
-EXPORT_MODULES |= {"flowsteer_jax.flow.schedules"}
+EXPORT_MODULES |= {"flowsteer_jax.flow.schedules", "flowsteer_jax.outputs"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
