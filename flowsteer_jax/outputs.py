@@ -337,15 +337,15 @@ def replace(tmp: str, out: str) -> None:
 def check_workdir(workdir: str) -> str:
     """The real path of `workdir` if a training run may use it; InputError naming it and why not.
 
-    A workdir is new (absent or empty) or a training workdir (resumed). Never inside a protected folder (another
-    run, a model, a checkpoint, an output), never a model, a checkpoint or another program's output, and never a
-    non-empty folder of something else (its files would be overwritten).
+    A workdir is new (absent or empty) or a training workdir (resumed). Never inside a model, a checkpoint or an
+    output, never one of them, and never a non-empty folder of something else (its files would be overwritten).
+    Inside another workdir it may be (not in its checkpoints): the ablation's runs live in `WORKDIR/ablation/`.
     """
     flag = f"--workdir={workdir}"
     path = real(workdir)
     for folder in _ancestors(path):
         what = protected_kind(folder)
-        if what is not None:
+        if what not in (None, "a training workdir"):
             raise InputError(f"{flag} is inside {what} ({folder}); a run never writes there (choose another --workdir)")
     if os.path.lexists(workdir) and not os.path.isdir(workdir):
         raise InputError(f"{flag} exists and is not a folder")

@@ -214,11 +214,12 @@ def test_workdir_rules(tree, tmp_path):
     base, run = tree["base"], tree["run"]
     assert check_workdir(str(run)) == os.path.realpath(run)  # resumed
     assert check_workdir(str(tmp_path / "new")) == os.path.realpath(tmp_path / "new")
+    assert check_workdir(str(run / "ablation" / "k1")) == os.path.realpath(run / "ablation" / "k1")  # digits.ablate
     cases = {
         str(base): "is a diffusers model folder",
         str(base / "transformer" / "run"): "is inside a model folder",
-        str(run / "checkpoints"): "is inside a training workdir",
-        str(tree["other"] / "sub"): "is inside a training workdir",
+        str(run / "checkpoints"): "is a folder of training checkpoints",
+        str(run / "checkpoints" / "5" / "x"): "is inside a training checkpoint",
         str(tmp_path): "is a non-empty folder that is not a training workdir",
     }
     for workdir, why in cases.items():
