@@ -13,6 +13,8 @@ row, so rows compare image for image. Each row's per-image scores go to `DIR/<ro
 (rows with provenance: weight hashes, preprocessing, resolution, prompt-file hash, seeds) and `DIR/results.md` (a
 table like the paper's: method, NFE, metrics) keep the rows of earlier runs into the same `--out` (a row of the
 same name is replaced), so a 28-step CFG teacher and 4-step students run as separate commands end in one table.
+`--out` is new, empty or an earlier evaluate output, never inside a model, a workdir, a checkpoint or an input
+(`flowsteer_jax.outputs`); `DIR/evaluate.log` is the log, named by a failure's one line.
 
 `--weights=DIR` holds the upstream files under their upstream names (see README "Evaluation"):
 `clip-vit-large-patch14/` and `PickScore_v1/` (transformers folders), `HPS_v2.1_compressed.pt` or

@@ -23,10 +23,12 @@ and, when the checkpoint records `base_fingerprint`, the same weights (else refu
 gets a one-line warning). `--dtype`: of the LoRA files (default fp32) and of the fused transformer (default: the
 base's stored dtype).
 
-Never overwrites: DIR must not exist or be empty, unless `--overwrite`, which replaces it whole (no stale shards or
-index). The base model's folders (pipeline, `transformer/`, where its weight files live, or a parent of them) and
-the workdir are refused even with `--overwrite`. Everything is written to `DIR.tmp-<pid>` and renamed into place at
-the end (an old DIR is moved aside, then deleted), so an interrupted export leaves no half-written model at DIR.
+Never overwrites (`flowsteer_jax.outputs`): DIR must not exist or be empty, unless `--overwrite`, which replaces an
+earlier export whole (no stale shards or index) when it holds only the files it wrote. A model, a training workdir,
+a checkpoint, another program's output, the base and the workdir read here (DIR being, holding or inside one) are
+refused even with `--overwrite`. Everything is written to `DIR.tmp-<host>-<pid>` and renamed into place at the end
+(an old DIR is moved aside, then deleted), so an interrupted export leaves no half-written model at DIR; the next
+export to DIR removes a killed one's temporary. `DIR/export.log` is the log, named by a failure's one line.
 Bad input (a missing, incomplete or unreadable checkpoint step, naming it and the other steps; a mismatched base;
 a refused DIR) is one line `flowsteer_jax.export: error: ...` on stderr and exit code 2; nothing is deleted.
 
@@ -218,8 +220,8 @@ def export(
     """Write the LoRA file(s), with `do_fuse` the merged `transformer/`, README.md and export.json into `out`.
 
     `fmt`: `peft`, `comfyui` or `both`. Never overwrites: `out` must be absent or empty unless `overwrite`, and is
-    never the base model's folder (nor the workdir). Everything is written to `<out>.tmp-<pid>` and renamed into
-    place at the end (an old `out` is replaced whole). Returns the written paths (under `out`).
+    never a protected folder nor an input (`outputs.check_output`). Everything is staged and renamed into place at
+    the end (an old `out` is replaced whole, `outputs.Output`). Returns the written paths (under `out`).
     """
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")

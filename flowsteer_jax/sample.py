@@ -10,9 +10,11 @@ literal prompt. A `--prompts` value that names no file and does not look like a 
 extension) is taken as the prompt itself. A missing prompt file or model folder, a file with no prompts, a bad
 `--lora`: one line `flowsteer_jax.sample: error: ...` on stderr, exit code 2.
 
-Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress bar over batches. `--lora` applies
-a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an exported folder
-(`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
+Writes `DIR/00000.png`, ... (prompt order), `DIR/grid.png`, `DIR/prompts.txt` and the log `DIR/sample.log`, with a
+progress bar over batches. DIR must be new or empty; `--overwrite` replaces an earlier sample output whole (never a
+folder this program did not write, nor one inside a model, a workdir or a checkpoint: `flowsteer_jax.outputs`).
+`--lora` applies a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an
+exported folder (`pytorch_lora_weights.safetensors`) or a `.safetensors` file.
 Image `i` uses noise (`seed`, `i`) whatever `--batch` is, so reruns (and other models) compare image for image.
 On a CPU-only machine the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag
 already set there wins).
