@@ -140,9 +140,9 @@ def check_output(out: str, program: str, *, overwrite: bool | None, inputs: Iter
 
     Refused whatever `overwrite` says: `out` inside a protected folder (`protected_kind`), `out` being or holding
     one (other than `program`'s own earlier output), and `out` being or inside one of `inputs` (or a folder their
-    files link into). An existing `out` must be empty, hold `program`'s manifest of a failed run, or (with
-    `overwrite`) hold `program`'s earlier output and only the files its manifest lists. `overwrite=None`: not
-    decided yet, refuse only what `--overwrite` would not allow.
+    files link into), or holding one when it would be replaced. An existing `out` must be empty, hold `program`'s
+    manifest of a failed run, or (with `overwrite`) hold `program`'s earlier output and only the files its
+    manifest lists. `overwrite=None`: not decided yet, refuse only what `--overwrite` would not allow.
     """
     flag = f"--out={out}"
     path = real(out)
@@ -178,6 +178,9 @@ def check_output(out: str, program: str, *, overwrite: bool | None, inputs: Iter
         raise InputError(f"{flag} holds files {program} did not write ({shown}); it is never replaced (move them away)")
     if record.get("complete") is False:  # a failed run's log: nothing to lose
         return path
+    held = [what for folder, what in _input_folders(inputs).items() if _within(folder, path)]
+    if held:  # replacing it would delete what this run reads
+        raise InputError(f"{flag} holds the input {held[0]}; a program never writes over what it reads: {never}")
     if overwrite is False:
         raise InputError(f"{flag} holds an earlier output of {program}; pass --overwrite to replace it (all of it)")
     return path

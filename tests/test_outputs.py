@@ -128,6 +128,8 @@ def test_overwrite_replaces_only_its_own_earlier_output(tree):
     touch(root / "samples" / "keep_me.txt")  # a file the user added to an earlier output
     refused(root / "samples", SAMPLE, match="did not write (keep_me.txt)")
     os.remove(root / "samples" / "keep_me.txt")
+    inputs = [str(root / "samples" / "00000.png")]  # this run reads a file of the output it would replace
+    refused(root / "samples", SAMPLE, inputs=inputs, match="holds the input")
     with prepare_output(str(root / "samples"), SAMPLE, overwrite=True) as out:
         touch(os.path.join(out.dir, "00001.png"))
         out.commit()
