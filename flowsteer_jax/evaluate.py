@@ -30,12 +30,13 @@ The last stdout line is one JSON object with one key per metric of the last row.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import flags
@@ -212,16 +213,18 @@ def _prompts(args, folder: str | None) -> tuple[list[str] | None, str | None]:
     return (prompts[: args.limit] if args.limit > 0 else prompts), path
 
 
-def _main(args) -> int:
+@contextlib.contextmanager
+def _output(args) -> Iterator[None]:
+    """`--out` checked and started (`outputs.prepare_output`: it accumulates rows), logging to `evaluate.log`."""
     inputs = [*args.model, *args.lora, *args.images, args.ref, args.weights, args.digits]
     output = outputs.prepare_output(args.out, PROG, inputs=[p for p in inputs if p != "none"], staged=False)
     with cli.log_to(output.log_file):
-        return _main_digits(args) if args.digits is not None else _main_sd3(args)
+        yield
 
 
-def _main_sd3(args) -> int:
-    from flowsteer_jax.evaluation.fid import image_files  # imports jax: not at start-up (--help, bad flags)
-
+def _main(args) -> int:
+    if args.digits is not None:
+        return _main_digits(args)
     if args.weights is not None and not os.path.isdir(args.weights):
         raise InputError(f"--weights={args.weights}: no such folder")
     if args.ref is not None and not os.path.isdir(args.ref):
@@ -236,6 +239,13 @@ def _main_sd3(args) -> int:
     if ("fid" in metrics or "kid" in metrics) and args.ref is None:
         raise InputError("--metrics fid/kid need --ref=IMAGES_DIR (the real images to compare with)")
     specs = _row_specs(args)
+    with _output(args):
+        return _score_rows(args, metrics, specs)
+
+
+def _score_rows(args, metrics: list[str], specs: list[dict]) -> int:
+    from flowsteer_jax.evaluation.fid import image_files  # imports jax: not at start-up (--help, bad flags)
+
     t0 = time.perf_counter()
     scorers = Scorers(metrics, args.weights, batch_size=args.score_batch)
     print(f"loaded {', '.join(metrics)} scorers in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -379,9 +389,10 @@ def _main_digits(args) -> int:
     from flowsteer_jax.digits.world import read_run
 
     config, world = read_run(args.digits)
-    rows, header = world.evaluate_run(args.digits, config)
-    columns = world.COLUMNS
-    all_rows = write_report(args.out, rows, columns=columns, header=header)
+    with _output(args):
+        rows, header = world.evaluate_run(args.digits, config)
+        columns = world.COLUMNS
+        all_rows = write_report(args.out, rows, columns=columns, header=header)
     print(markdown_table(all_rows, columns), file=sys.stderr)
     last = rows[-1]["metrics"]
     print(json.dumps({k: last[k] for k, _, _ in columns if k in last}))

@@ -648,7 +648,7 @@ def test_export_never_writes_into_a_run_or_a_checkpoint(world, exported, tmp_pat
     # evaluate's outputs follow the same rule (refused before any scorer loads)
     from flowsteer_jax import evaluate
 
-    rc = evaluate.main([f"--images={base}", f"--out={run / 'eval'}", "--metrics=clip"])
+    rc = evaluate.main([f"--images={base}", f"--out={run / 'eval'}", "--metrics=clip", f"--weights={base}"])
     err = capsys.readouterr().err.splitlines()
     assert rc == 2 and err == [
         f"flowsteer_jax.evaluate: error: --out={run / 'eval'} is inside a training workdir ({run}); never written "
