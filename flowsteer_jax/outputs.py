@@ -291,13 +291,13 @@ class Output:
         if not self.staged or self.committed:
             return
         final = os.path.join(self.path, log_name(self.program))
-        if os.path.isdir(self.path):  # an earlier output stays; this attempt's log is appended to its log
+        if manifest(self.path) is not None:  # an earlier output stays; this attempt's log is appended to its log
             if os.path.isfile(self.log_file):
                 with open(self.log_file, "rb") as src, open(final, "ab") as dst:
                     src.seek(self._carried)
                     dst.write(src.read())
             shutil.rmtree(self.dir)
-        else:  # nothing here before: the folder keeps the log (and a manifest of the failed run)
+        else:  # nothing (or an empty folder) here before: the folder keeps the log and a failed run's manifest
             for name in _names(self.dir) - {log_name(self.program)}:
                 target = os.path.join(self.dir, name)
                 shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)

@@ -176,6 +176,7 @@ def test_stale_temporaries_of_dead_processes_are_cleaned(tmp_path):
 
 def test_a_failed_staged_run_leaves_only_its_log(tmp_path):
     out = tmp_path / "samples"
+    os.makedirs(out)  # an empty folder, as a user may create it first
     with pytest.raises(InputError) as e:
         with prepare_output(str(out), SAMPLE) as output, cli.log_to(output.log_file):
             touch(os.path.join(output.dir, "00000.png"))
