@@ -179,6 +179,7 @@ def test_kill_9_then_resume_is_bit_identical(setup, reference):
     os.makedirs(os.path.join(junk, "state"))
     err = _run(setup, workdir)
     assert f"resumed from {os.path.join(workdir, 'checkpoints')} at step {killed_at[-1]}" in err
+    assert f"taking over the lock of a dead run (host {socket.gethostname()}, pid {proc.pid}" in err  # kill -9 left it
     _assert_same_state(_state(workdir), _state(reference))
 
 
