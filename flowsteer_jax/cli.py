@@ -14,20 +14,25 @@ with `parse(define, argv, prog=..., doc=__doc__)`: every call defines them afres
   weights; and missing files) and a full disk (`OSError` ENOSPC/EDQUOT, also as the cause of another error) as
   one line `PROG: error: ...` on stderr, exit code 2; other exceptions (bugs) keep their traceback. Raisers cut
   the long values they quote (`conversion.errors.shorten`); a line is cut at `LINE` characters as a last resort.
+- `log_to(path)`: the program's log file (in its output folder or workdir: `flowsteer_jax`'s log records, the
+  start, the end or the failure with its traceback). An exception leaving it carries `log_file`, and its one
+  line ends with `(log: PATH)`.
 
 Imports absl and `conversion.errors` only: programs that must stay torch- or jax-free can use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import os
 import re
 import sys
+import traceback
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from absl import flags
 
@@ -49,8 +54,9 @@ def fail(prog: str, message: str) -> None:
 
 
 def error(prog: str, message: object) -> int:
-    """One line on stderr for a bad input (not a flag); returns exit code 2."""
-    print(f"{prog}: error: {' '.join(shorten(message, LINE).split())}", file=sys.stderr)
+    """One line on stderr for a bad input (not a flag), naming the log when `message` is an exception that left
+    one (`log_to`); returns exit code 2."""
+    print(f"{prog}: error: {' '.join(shorten(message, LINE).split())}{log_note(message)}", file=sys.stderr)
     return 2
 
 
@@ -88,8 +94,44 @@ def report(prog: str, e: BaseException) -> int | None:
         return error(prog, e)
     full = disk_full(e)
     if full is not None:
-        return error(prog, f"{full}; free some space and run again")
+        return error(prog, f"{full}; free some space and run again{log_note(e)}")
     return None
+
+
+def log_note(exc: object) -> str:
+    """` (log: PATH)` for an exception that left a program's log file (`log_to`), else ``."""
+    path = getattr(exc, "log_file", None)
+    return f" (log: {path})" if path else ""
+
+
+@contextlib.contextmanager
+def log_to(path: str) -> Iterator[None]:
+    """Log the `flowsteer_jax` loggers' records (at the level the program set) to the file `path` (appended)
+    while inside, after a start line with the command; an exception leaving it is logged there (a bug with its
+    traceback) and carries `log_file` = `path`."""
+    logger = logging.getLogger("flowsteer_jax")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+
+    def line(level: int, text: str) -> None:  # to the file only: stderr already shows what the program says
+        handler.handle(logger.makeRecord(logger.name, level, __file__, 0, text, None, None))
+
+    line(logging.INFO, f"start: {' '.join(sys.argv)}")
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, INPUT_ERRORS):
+            line(logging.ERROR, "".join(traceback.format_exception(e)).rstrip())
+        line(logging.ERROR, f"failed: {' '.join(str(e).split()) or type(e).__name__}")
+        if not getattr(e, "log_file", None):
+            e.log_file = path
+        raise
+    else:
+        line(logging.INFO, "done")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def run(prog: str, main: Callable[[], int | None]) -> int:

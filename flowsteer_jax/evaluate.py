@@ -19,6 +19,8 @@ texts in order, seed, steps, guidance, schedule, resolution, dtype), not by its 
 for the same key; for another one the row is refused naming what changed, unless `--resample`; the row of the
 same key is replaced, and rows of one name with other keys both stay (`name [key]` in the table).
 An `--images` folder's `grid.png` (`flowsteer_jax.sample`'s) is not scored.
+`--out` is new, empty or an earlier evaluate output, never inside a model, a workdir, a checkpoint or an input
+(`flowsteer_jax.outputs`); `DIR/evaluate.log` is the log, named by a failure's one line.
 
 `--weights=DIR` holds the upstream files under their upstream names (see README "Evaluation"):
 `clip-vit-large-patch14/` and `PickScore_v1/` (transformers folders), `HPS_v2.1_compressed.pt` or
@@ -34,13 +36,14 @@ The last stdout line is one JSON object with one key per metric of the last row.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,7 +53,7 @@ from conversion.errors import InputError
 from conversion.lora import PEFT_FILE
 from conversion.torch_files import sha256 as sha256_file
 from conversion.training_checkpoint import read_lora
-from flowsteer_jax import cli
+from flowsteer_jax import cli, outputs
 from flowsteer_jax.data import prompts_digest
 from flowsteer_jax.evaluation.metrics import (
     METRICS,
@@ -122,7 +125,8 @@ def write_report(out: str, new_rows: Sequence[dict], *, columns=None, header: st
     labels = {r["label"] for r in new_rows if "key" not in r}
     rows = [r for r in rows if r.get("key") not in keys and not ("key" not in r and r["label"] in labels)]
     rows += list(new_rows)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    outputs.clean_stale(path)
+    tmp = outputs.temp_path(path)
     with open(tmp, "w") as f:
         json.dump({"rows": rows}, f, indent=2)
     os.replace(tmp, path)
@@ -230,10 +234,18 @@ def _prompts(args, folder: str | None) -> tuple[list[str] | None, str | None]:
     return (prompts[: args.limit] if args.limit > 0 else prompts), path
 
 
+@contextlib.contextmanager
+def _output(args) -> Iterator[None]:
+    """`--out` checked and started (`outputs.prepare_output`: it accumulates rows), logging to `evaluate.log`."""
+    inputs = [*args.model, *args.lora, *args.images, args.ref, args.weights, args.digits]
+    output = outputs.prepare_output(args.out, PROG, inputs=[p for p in inputs if p != "none"], staged=False)
+    with cli.log_to(output.log_file):
+        yield
+
+
 def _main(args) -> int:
     if args.digits is not None:
         return _main_digits(args)
-    from flowsteer_jax.evaluation.fid import image_files  # imports jax: not at start-up (--help, bad flags)
     from flowsteer_jax.models.loading import SD3_COMPONENTS, check_pipeline
     from flowsteer_jax.sample import check_sampling
 
@@ -262,6 +274,13 @@ def _main(args) -> int:
         check_pipeline(model, [n for n in SD3_COMPONENTS if n not in skip_t5], what="--model")
     if models:
         check_sampling(args, models)
+    with _output(args):
+        return _score_rows(args, metrics, specs)
+
+
+def _score_rows(args, metrics: list[str], specs: list[dict]) -> int:
+    from flowsteer_jax.evaluation.fid import image_files  # imports jax: not at start-up (--help, bad flags)
+
     t0 = time.perf_counter()
     scorers = Scorers(metrics, args.weights, batch_size=args.score_batch)
     print(f"loaded {', '.join(metrics)} scorers in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -489,9 +508,10 @@ def _main_digits(args) -> int:
     from flowsteer_jax.digits.world import read_run
 
     config, world = read_run(args.digits)
-    rows, header = world.evaluate_run(args.digits, config)
-    columns = world.COLUMNS
-    all_rows = write_report(args.out, rows, columns=columns, header=header)
+    with _output(args):
+        rows, header = world.evaluate_run(args.digits, config)
+        columns = world.COLUMNS
+        all_rows = write_report(args.out, rows, columns=columns, header=header)
     print(markdown_table(all_rows, columns), file=sys.stderr)
     last = rows[-1]["metrics"]
     print(json.dumps({k: last[k] for k, _, _ in columns if k in last}))

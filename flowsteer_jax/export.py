@@ -25,10 +25,12 @@ base's stored dtype).
 The adapters are the run's EMA when it kept one (`ema.decay > 0`), else, or with `--noema`, its trained weights;
 `export.json` says which (`"weights": "ema" | "raw"`).
 
-Never overwrites: DIR must not exist or be empty, unless `--overwrite`, which replaces it whole (no stale shards or
-index). The base model's folders (pipeline, `transformer/`, where its weight files live, or a parent of them) and
-the workdir are refused even with `--overwrite`. Everything is written to `DIR.tmp-<pid>` and renamed into place at
-the end (an old DIR is moved aside, then deleted), so an interrupted export leaves no half-written model at DIR.
+Never overwrites (`flowsteer_jax.outputs`): DIR must not exist or be empty, unless `--overwrite`, which replaces an
+earlier export whole (no stale shards or index) when it holds only the files it wrote. A model, a training workdir,
+a checkpoint, another program's output, the base and the workdir read here (DIR being, holding or inside one) are
+refused even with `--overwrite`. Everything is written to `DIR.tmp-<host>-<pid>` and renamed into place at the end
+(an old DIR is moved aside, then deleted), so an interrupted export leaves no half-written model at DIR; the next
+export to DIR removes a killed one's temporary. `DIR/export.log` is the log, named by a failure's one line.
 Bad input (a missing, incomplete or unreadable checkpoint step, naming it and the other steps; a mismatched base;
 a refused DIR) is one line `flowsteer_jax.export: error: ...` on stderr and exit code 2; nothing is deleted.
 
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -52,7 +53,7 @@ from conversion.lora import COMFYUI_FILE, PEFT_FILE, fuse, lora_pairs, to_comfyu
 from conversion.safetensors_io import ConversionError, open_checkpoint, save_checkpoint, weights_fingerprint
 from conversion.table import check_checkpoint
 from conversion.training_checkpoint import CheckpointError, read_lora, resolve_step, uses_ema
-from flowsteer_jax import cli
+from flowsteer_jax import cli, outputs
 from flowsteer_jax.flow import schedules
 
 PROG = "flowsteer_jax.export"
@@ -186,51 +187,6 @@ def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-def _within(path: str, folder: str) -> bool:
-    """`path` is `folder` or inside it (real paths)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def protected_folders(model: str | None, base_folder: str | None, checkpoint: str) -> dict[str, str]:
-    """Real path -> what it is, for every folder an export must never replace: the base pipeline folder, its
-    `transformer/` folder, the folders that hold the base weight files (symlink targets too, as in a hub cache),
-    and the training workdir's checkpoints."""
-    out: dict[str, str] = {}
-    if model:
-        out[_real(model)] = f"the base model folder {model}"
-        if os.path.isdir(os.path.join(model, "transformer")):
-            out[_real(os.path.join(model, "transformer"))] = f"the base transformer folder {model}/transformer"
-        parent = os.path.dirname(_real(model))
-        if os.path.isfile(os.path.join(parent, "model_index.json")):  # --model named the transformer/ itself
-            out.setdefault(parent, f"the base pipeline folder {parent}")
-    if base_folder:
-        out.setdefault(_real(base_folder), f"the base transformer folder {base_folder}")
-        if os.path.isdir(base_folder):
-            for name in os.listdir(base_folder):
-                if name.endswith((".safetensors", ".json")):
-                    real = os.path.dirname(_real(os.path.join(base_folder, name)))
-                    out.setdefault(real, f"the folder holding the base weights of {base_folder}")
-    if os.path.isdir(checkpoint):
-        out.setdefault(_real(checkpoint), f"the training workdir {checkpoint}")
-    return out
-
-
-def check_out(out: str, protected: dict[str, str], overwrite: bool | None) -> None:
-    """Refuse an `--out` that is (or contains) a protected folder, always; and (unless `overwrite` is None: not
-    checked yet) an existing non-empty one unless `overwrite`. InputError naming both paths."""
-    real = _real(out)
-    for folder, what in protected.items():
-        if _within(folder, real):
-            how = "is" if folder == real else "contains"
-            raise InputError(
-                f"--out={out} {how} {what}; an export never writes there, even with --overwrite (choose another --out)"
-            )
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise InputError(f"--out={out} exists and is not a folder")
-    if overwrite is not None and os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise InputError(f"--out={out} exists and is not empty; pass --overwrite to replace it (all of it)")
-
-
 def _checked_fingerprint(meta: dict, base_folder: str, step_dir: str, model: str | None) -> str:
     """The base transformer's `weights_fingerprint`; InputError when the checkpoint recorded another one, a
     one-line warning when it recorded none (a checkpoint from before `base_fingerprint`)."""
@@ -251,21 +207,6 @@ def _checked_fingerprint(meta: dict, base_folder: str, step_dir: str, model: str
     return have
 
 
-def _replace(tmp: str, out: str) -> None:
-    """Move the finished `tmp` to `out`: an existing `out` is moved aside first and deleted after."""
-    if not os.path.lexists(out):
-        os.rename(tmp, out)
-        return
-    old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old)
-
-
 def export(
     checkpoint: str,
     out: str,
@@ -282,8 +223,8 @@ def export(
     """Write the LoRA file(s), with `do_fuse` the merged `transformer/`, README.md and export.json into `out`.
 
     `fmt`: `peft`, `comfyui` or `both`. Never overwrites: `out` must be absent or empty unless `overwrite`, and is
-    never the base model's folder (nor the workdir). Everything is written to `<out>.tmp-<pid>` and renamed into
-    place at the end (an old `out` is replaced whole). Returns the written paths (under `out`).
+    never a protected folder nor an input (`outputs.check_output`). Everything is staged and renamed into place at
+    the end (an old `out` is replaced whole, `outputs.Output`). Returns the written paths (under `out`).
     """
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
@@ -316,13 +257,10 @@ def export(
             base_folder = transformer_folder(model)
         except ConversionError:
             base_folder = None
-    protected = protected_folders(model, base_folder, checkpoint)
-    recorded = meta.get("model_path")
-    if recorded and recorded != model:  # --model named another base: the recorded one is protected too
-        protected = {**protected_folders(recorded, None, checkpoint), **protected}
-    check_out(out, protected, None)  # never the base: before anything else is said about it
+    inputs = [checkpoint, model, base_folder, meta.get("model_path")]
+    outputs.check_output(out, PROG, overwrite=None, inputs=inputs)  # never the base: before anything else
     raw_base = check_base(base_folder, tconf) if base_folder is not None else None
-    check_out(out, protected, overwrite)
+    outputs.check_output(out, PROG, overwrite=overwrite, inputs=inputs)
     if do_fuse:
         fingerprint = _checked_fingerprint(meta, base_folder, step_dir, model)
     else:  # only recorded: the LoRA file does not hold the base
@@ -331,13 +269,10 @@ def export(
         except ConversionError:
             fingerprint = None
 
-    out = out.rstrip(os.sep) or out
-    tmp = f"{out}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
     files: dict[str, str] = {}
-    try:
+    output = outputs.prepare_output(out, PROG, overwrite=overwrite, inputs=inputs)
+    tmp = output.dir
+    with output, cli.log_to(output.log_file):
         if fmt in ("peft", "both"):
             peft = to_peft(flat, scale, table, dtype=dtypes[dtype or "fp32"])
             save_checkpoint(peft, tmp, name=PEFT_FILE[: -len(".safetensors")], max_shard_bytes=None)
@@ -379,10 +314,7 @@ def export(
         with open(os.path.join(tmp, EXPORT_RECORD), "w") as f:
             json.dump(record, f, indent=2)
         files["record"] = EXPORT_RECORD
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        output.commit()
     return {what: os.path.join(out, name) for what, name in files.items()}
 
 

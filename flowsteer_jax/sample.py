@@ -10,10 +10,13 @@ literal prompt. A `--prompts` value that names no file and does not look like a 
 extension) is taken as the prompt itself. A missing prompt file or model folder, a file with no prompts, a bad
 `--lora`: one line `flowsteer_jax.sample: error: ...` on stderr, exit code 2.
 
-Writes `DIR/00000.png`, ... (prompt order) and `DIR/grid.png`, with a progress bar over batches. `--lora` applies
-a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an exported folder
-(`pytorch_lora_weights.safetensors`) or a `.safetensors` file in any published SD3 LoRA layout (PEFT/diffusers,
-kohya/SAI, ComfyUI, OneTrainer), read against the model's transformer config before any model loads.
+Writes `DIR/00000.png`, ... (prompt order), `DIR/grid.png`, `DIR/prompts.txt` and the log `DIR/sample.log`, with a
+progress bar over batches. DIR must be new or empty; `--overwrite` replaces an earlier sample output whole (never a
+folder this program did not write, nor one inside a model, a workdir or a checkpoint: `flowsteer_jax.outputs`).
+`--lora` applies a student LoRA first (`SD3Pipeline.load_lora`): a training workdir (its latest checkpoint), an
+exported folder (`pytorch_lora_weights.safetensors`) or a `.safetensors` file in any published SD3 LoRA layout
+(PEFT/diffusers, kohya/SAI, ComfyUI, OneTrainer), read against the model's transformer config before any model
+loads.
 Image `i` uses noise (`seed`, `i`) whatever `--batch` is, so reruns (and other models) compare image for image.
 On a CPU-only machine the XLA:CPU inference flags of `flowsteer_jax.xla_cpu` are added to XLA_FLAGS (a flag
 already set there wins).
@@ -37,7 +40,7 @@ from tqdm import tqdm
 from conversion import sd3_transformer
 from conversion import vae as vae_conv
 from conversion.errors import ConversionError, InputError
-from flowsteer_jax import cli
+from flowsteer_jax import cli, outputs
 from flowsteer_jax.data import PROMPT_EXTENSIONS, DataError, load_prompts
 from flowsteer_jax.distill.config import MAX_SEQUENCE_LENGTH, SEED_LIMIT
 from flowsteer_jax.images import GRID, save_grid, save_png
@@ -112,6 +115,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("no_t5", False, "skip the T5 encoder (its tokens become zeros)", flag_values=fv)
     flags.DEFINE_string("lora", None, "student LoRA: training workdir, exported folder or .safetensors", flag_values=fv)
     flags.DEFINE_float("lora_scale", 1.0, "multiplies the LoRA's effect (with --lora)", flag_values=fv)
+    flags.DEFINE_bool(
+        "overwrite", False, "replace an earlier output of this program at --out (all of it)", flag_values=fv
+    )
 
 
 def parse_args(argv: list[str] | None = None):
@@ -137,9 +143,18 @@ def _main(args) -> int:
             check_lora(args.lora, args.model)
         except (ConversionError, FileNotFoundError) as e:
             raise InputError(f"--lora={args.lora}: {e}") from e
+    output = outputs.prepare_output(args.out, PROG, overwrite=args.overwrite, inputs=[args.model, args.lora])
+    with output, cli.log_to(output.log_file):
+        count = _sample(args, prompts, output.dir)
+        output.commit()
+    print(f"wrote {count} images and grid.png to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _sample(args, prompts: list[str], out: str) -> int:
+    """Load the pipeline (and LoRA), write the images, grid.png and prompts.txt into `out`; the image count."""
     from flowsteer_jax.pipeline import SD3Pipeline
 
-    os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     pipe = SD3Pipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype], t5=not args.no_t5)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -152,7 +167,7 @@ def _main(args) -> int:
     paths = write_images(
         pipe,
         prompts,
-        args.out,
+        out,
         batch=args.batch,
         seed=args.seed,
         num_inference_steps=args.steps,
@@ -165,11 +180,11 @@ def _main(args) -> int:
     )
     images = [Image.open(p) for p in paths]
     pixels = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images])
-    save_grid(os.path.join(args.out, GRID), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
-    with open(os.path.join(args.out, "prompts.txt"), "w") as f:
+    save_grid(os.path.join(out, GRID), pixels, cols=math.ceil(math.sqrt(len(images))), border=0)
+    with open(os.path.join(out, "prompts.txt"), "w") as f:
         f.write("\n".join(prompts) + "\n")
-    print(f"wrote {len(images)} images and grid.png to {args.out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
-    return 0
+    print(f"sampled {len(images)} images ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    return len(images)
 
 
 def write_images(pipe, prompts: list[str], out: str, *, batch: int, seed: int, desc: str = "", **sampling) -> list[str]:

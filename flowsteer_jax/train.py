@@ -27,6 +27,7 @@ a prompt file, the embedded digits world, or a module of your own.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -51,7 +52,7 @@ from ml_collections import ConfigDict, config_flags
 
 from conversion.errors import InputError, shorten
 from conversion.safetensors_io import read_json, weights_fingerprint
-from flowsteer_jax import cli, parallel, tracking
+from flowsteer_jax import cli, outputs, parallel, tracking
 from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
 from flowsteer_jax.data import EmbeddingCache, PromptLoader, prompts_digest
 from flowsteer_jax.distill import make_step, make_train_state, model_options
@@ -171,21 +172,48 @@ def _diverged(ckpt: Checkpointer, step: int, bad_run: int, where: str) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run (or resume) training in `workdir`; returns the last step's metrics (host floats) and `step`."""
+    """Run (or resume) training in `workdir`; returns the last step's metrics (host floats) and `step`.
+
+    One run per workdir: process 0 holds `WORKDIR/train.lock` and logs to `WORKDIR/train.log` (`outputs`)."""
+    validate(config)  # every value, before any device, file or model is touched
+    tracking.check(config)
+    outputs.check_workdir(workdir)
+    check_workdir(workdir)
+    parallel.initialize_distributed(config.distributed)
+    lock = _lock_workdir(workdir)
+    try:
+        with cli.log_to(os.path.join(workdir, outputs.log_name(PROG))) if lock else contextlib.nullcontext():
+            return _train(config, workdir)
+    finally:
+        if lock:
+            outputs.unlock_workdir(lock)
+
+
+def _lock_workdir(workdir: str) -> str | None:
+    """Process 0 takes the workdir's lock (its path back); every process stops when it could not."""
+    lock, problem = None, None
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        try:
+            lock = outputs.lock_workdir(workdir)
+        except InputError as e:
+            problem = e
+    if _stop_everywhere(problem is not None):
+        raise problem or InputError(f"--workdir={workdir}: process 0 could not take the workdir's lock")
+    return lock
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from flowsteer_jax.models.loading import load_transformer
 
-    validate(config)  # every value, before any device, file or model is touched
-    tracking.check(config)
-    parallel.initialize_distributed(config.distributed)
     is_main = jax.process_index() == 0
     mesh = parallel.mesh_from_config(config)
     rules = parallel.rules_from_config(config)
     n_batch = int(np.prod([mesh.shape[a] for a in np.atleast_1d(rules.get("batch") or ()) if a]))
     batch_size, procs = int(config.train.batch_size), jax.process_count()
     validate_batch(config, n_batch, procs)
-    check_workdir(workdir)
     world = make_world(config, workdir)
     config_path = os.path.join(world.transformer_folder, "config.json")
     transformer_config = read_json(config_path, "transformer config")  # as the file has it: the checkpoint's meta
@@ -405,7 +433,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         train(config, workdir)
     except TrainingAborted as e:
-        print(f"training aborted: {e}", file=sys.stderr)
+        print(f"training aborted: {e}{cli.log_note(e)}", file=sys.stderr)
         sys.exit(3)
     except Exception as e:  # a bad config value, path or file, a full disk: one line, no traceback
         code = cli.report(PROG, e)

@@ -42,6 +42,7 @@ from flowsteer_jax.export import export, rectified_sigmas
 from flowsteer_jax.models.loading import load_transformer
 from flowsteer_jax.models.loading import read_lora as read_lora_pairs
 from flowsteer_jax.models.lora import LoRALinear, apply_lora, lora_layers
+from flowsteer_jax.outputs import MANIFEST
 from flowsteer_jax.pipeline import SD3Pipeline
 from flowsteer_jax.tools.tiny_pipeline import write_tiny_pipeline
 from tests.torch_reference import rel_err, to_np
@@ -435,7 +436,7 @@ def test_strict_errors(world, tmp_path):
 
 
 EXPORT_MODULES = {"flowsteer_jax", "flowsteer_jax.cli", "flowsteer_jax.export", "flowsteer_jax.flow"}
-EXPORT_MODULES |= {"flowsteer_jax.flow.schedules"}
+EXPORT_MODULES |= {"flowsteer_jax.flow.schedules", "flowsteer_jax.outputs"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -498,6 +499,42 @@ def test_sample_cli_lora(world, exported, ours, tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "00000.png")
     layers = lora_layers(ours.transformer)  # --lora replaced the adapters, with --lora_scale on the layer
     assert len(layers) == len(world["flat"]) // 2 and all(layer.lora_scale == 0.5 for layer in layers)
+
+
+def test_sample_never_overwrites_images(world, exported, ours, tmp_path, monkeypatch, capsys):
+    """Issue #24: `sample --out` overwrote earlier images. Now a second run needs --overwrite and replaces the
+    folder whole (no stale image of a longer earlier run); a failed run leaves its log, named in its one line."""
+    from flowsteer_jax import sample
+
+    monkeypatch.setattr(SD3Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: ours))
+    out = tmp_path / "samples"
+    base = [f"--model={world['folder']}", "--steps=2", "--batch=1", f"--out={out}", f"--max_sequence_length={MAX_SEQ}"]
+    (tmp_path / "two.txt").write_text("a red cat\nthe blue cube\n")
+    assert sample.main([*base, f"--prompts={tmp_path / 'two.txt'}"]) == 0
+    first = tree_hashes(out)
+    capsys.readouterr()
+    assert sample.main([*base, "--prompt=a dog"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"flowsteer_jax.sample: error: --out={out} holds an earlier output of flowsteer_jax.sample; pass "
+        "--overwrite to replace it (all of it)"
+    ]
+    assert tree_hashes(out) == first
+    assert sample.main([*base, "--prompt=a dog", "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["00000.png", MANIFEST, "grid.png", "prompts.txt", "sample.log"]
+    assert (out / "prompts.txt").read_text() == "a dog\n"
+    # a failure after the output was started: one line naming the log; the folder keeps only the log
+    os.makedirs(tmp_path / "not_a_lora")
+    failed = tmp_path / "failed"
+    capsys.readouterr()
+    assert sample.main([*base[:-2], f"--out={failed}", "--prompt=a dog", f"--lora={tmp_path / 'not_a_lora'}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    log = os.path.join(os.path.realpath(failed), "sample.log")
+    assert [line for line in err if "error" in line] == err[-1:], err  # before it: progress lines only
+    assert err[-1].startswith("flowsteer_jax.sample: error: --lora=") and err[-1].endswith(f"(log: {log})"), err
+    assert sorted(os.listdir(failed)) == [MANIFEST, "sample.log"]
+    assert "failed: --lora=" in open(log).read()
+    ours.load_lora(world["workdir"])  # as test_sample_cli_lora left it
 
 
 def test_weights_fingerprint_tells_weights_apart(tmp_path):
@@ -589,7 +626,7 @@ def test_export_never_writes_into_the_base(world, exported, capsys):
     assert not [n for n in os.listdir(world["root"]) if ".tmp-" in n or ".old-" in n]
     # the training workdir is never replaced either
     rc, err = run_export(capsys, ck, f"--out={world['workdir']}", "--overwrite")
-    assert rc == 2 and len(err) == 1 and "the training workdir" in err[0], err
+    assert rc == 2 and len(err) == 1 and "is a training workdir" in err[0], err
 
 
 def test_export_refuses_a_non_empty_out(world, exported, tmp_path, capsys):
@@ -598,14 +635,54 @@ def test_export_refuses_a_non_empty_out(world, exported, tmp_path, capsys):
     (out / "README.md").write_text("mine")
     (out / "sub" / "x.safetensors").write_text("not weights")
     before = tree_hashes(out)
-    rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={out}")
-    assert rc == 2 and len(err) == 1 and f"--out={out} exists and is not empty" in err[0], err
-    assert "--overwrite" in err[0]
+    for extra in ([], ["--overwrite"]):  # not an export's output: never replaced
+        rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={out}", *extra)
+        assert rc == 2 and len(err) == 1 and f"--out={out} exists, is not empty" in err[0], err
+        assert "not an output of flowsteer_jax.export" in err[0]
     assert tree_hashes(out) == before
     os.makedirs(tmp_path / "empty")  # an empty folder is fine
     rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={tmp_path / 'empty'}", "--format=peft")
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path / "empty")) == ["README.md", "export.json", PEFT_FILE]
+    assert sorted(os.listdir(tmp_path / "empty")) == ["README.md", "export.json", "export.log", MANIFEST, PEFT_FILE]
+
+
+def test_export_never_writes_into_a_run_or_a_checkpoint(world, exported, tmp_path, capsys, monkeypatch):
+    """Issue #24's probes: `--out` inside the workdir's checkpoints, the base's VAE, another run (each deleted
+    with `--overwrite` before), a new step folder (which blocked the next resume), and `--out=.` inside a run:
+    one line, exit 2, nothing touched."""
+    from conversion.training_checkpoint import resolve_step
+
+    run, other, base = tmp_path / "run", tmp_path / "other_run", tmp_path / "sd3"
+    shutil.copytree(world["workdir"], run)
+    shutil.copytree(world["workdir"], other)
+    shutil.copytree(world["folder"], base)
+    before = {p: tree_hashes(p) for p in (run, other, base)}
+    probes = [
+        (run / "checkpoints", ["--overwrite"], "is a folder of training checkpoints"),
+        (run / "checkpoints" / "9", [], "is inside a folder of training checkpoints"),
+        (base / "vae", [f"--model={base}", "--overwrite"], "is a model folder"),
+        (other, ["--overwrite"], "is a training workdir"),
+        (run / "exports", [], "is inside a training workdir"),
+    ]
+    for out, extra, why in probes:
+        rc, err = run_export(capsys, f"--checkpoint={run}", f"--out={out}", *extra)
+        assert rc == 2 and len(err) == 1 and f"--out={out} {why}" in err[0], (out, err)
+        assert "even with --overwrite" in err[0]
+    monkeypatch.chdir(run / "checkpoints" / str(STEP) / "state")
+    rc, err = run_export(capsys, f"--checkpoint={run}", "--out=.")
+    assert rc == 2 and len(err) == 1 and "--out=. is inside a training checkpoint" in err[0], err
+    assert {p: tree_hashes(p) for p in (run, other, base)} == before
+    assert resolve_step(str(run)) == (os.path.join(str(run), "checkpoints"), STEP)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]
+    # evaluate's outputs follow the same rule (refused before any scorer loads)
+    from flowsteer_jax import evaluate
+
+    rc = evaluate.main([f"--images={base}", f"--out={run / 'eval'}", "--metrics=clip", f"--weights={base}"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err == [
+        f"flowsteer_jax.evaluate: error: --out={run / 'eval'} is inside a training workdir ({run}); never written "
+        "to, even with --overwrite (choose another --out)"
+    ]
 
 
 def test_overwrite_replaces_a_sharded_export_whole(world, student, tmp_path, capsys):
@@ -617,11 +694,17 @@ def test_overwrite_replaces_a_sharded_export_whole(world, student, tmp_path, cap
     tdir = out / "transformer"
     first = sorted(os.listdir(tdir))
     assert "diffusion_pytorch_model.safetensors.index.json" in first and len(first) > 3, first
-    (out / "mine.txt").write_text("not from the export")
+    rc, err = run_export(capsys, ck, f"--out={out}", "--fuse", "--format=peft")
+    assert rc == 2 and len(err) == 1 and "holds an earlier output of flowsteer_jax.export; pass --overwrite" in err[0]
+    (out / "mine.txt").write_text("not from the export")  # a file the user added: never deleted
+    rc, err = run_export(capsys, ck, f"--out={out}", "--fuse", "--format=peft", "--overwrite")
+    assert rc == 2 and len(err) == 1 and "did not write (mine.txt)" in err[0], err
+    os.remove(out / "mine.txt")
     rc, err = run_export(capsys, ck, f"--out={out}", "--fuse", "--format=peft", "--overwrite")
     assert rc == 0, err
     assert sorted(os.listdir(tdir)) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    assert sorted(os.listdir(out)) == ["README.md", "export.json", PEFT_FILE, "transformer"]
+    assert sorted(os.listdir(out)) == ["README.md", "export.json", "export.log", MANIFEST, PEFT_FILE, "transformer"]
+    assert (out / "export.log").read_text().count("start:") == 2  # the folder's history, carried over
     assert not [n for n in os.listdir(tmp_path) if n != "fused"]  # no .tmp-/.old- folder left
     fused = SD3Transformer2DModel.from_pretrained(str(tdir)).eval()
     assert all(p.dtype == torch.float32 for p in fused.parameters())  # the new (fp32) weights, not the bf16 shards

@@ -121,7 +121,16 @@ def test_sample_cli(pipes, tmp_path):
     out = tmp_path / "out"
     argv = [f"--model={folder}", f"--prompts={tmp_path / 'prompts.txt'}", f"--out={out}", "--steps=2", "--batch=2"]
     assert sample.main([*argv, f"--max_sequence_length={MAX_SEQ}"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png", "prompts.txt"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "00000.png",
+        "00001.png",
+        "00002.png",
+        "flowsteer-output.json",
+        "grid.png",
+        "prompts.txt",
+        "sample.log",
+    ]
     assert Image.open(out / "grid.png").size == (64, 64)  # 3 images of 32x32 on a 2x2 grid
 
 

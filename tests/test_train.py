@@ -153,6 +153,10 @@ def test_uninterrupted_run_writes_checkpoints_logs_and_samples(reference):
     assert any(n.endswith(".png") for n in os.listdir(os.path.join(reference, "samples")))
     assert os.path.isfile(os.path.join(reference, "config.json"))
     assert os.path.isfile(os.path.join(reference, "embeddings", "meta.json"))
+    assert not os.path.exists(os.path.join(reference, "train.lock"))  # released at the end
+    with open(os.path.join(reference, "train.log")) as f:
+        log = f.read()
+    assert "start: " in log and re.search(rf"step {STEPS} eval: clip_score", log) and log.rstrip().endswith("done")
 
 
 def _assert_same_state(a: dict, b: dict):
@@ -175,6 +179,7 @@ def test_kill_9_then_resume_is_bit_identical(setup, reference):
     os.makedirs(os.path.join(junk, "state"))
     err = _run(setup, workdir)
     assert f"resumed from {os.path.join(workdir, 'checkpoints')} at step {killed_at[-1]}" in err
+    assert f"taking over the lock of a dead run (host {socket.gethostname()}, pid {proc.pid}" in err  # kill -9 left it
     _assert_same_state(_state(workdir), _state(reference))
 
 
@@ -232,6 +237,26 @@ def _refused(setup, workdir, *overrides) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "flowsteer_jax.train: error:" in proc.stderr, proc.stderr[-3000:]
     return proc.stderr
+
+
+def test_one_run_per_workdir(setup, reference, tmp_path):
+    """Issue #24: two trainings in one workdir both ran, the later overwriting the earlier's checkpoints and
+    config.json. Now the second gets one line naming the lock's holder (here a live process on this host), exit 2,
+    and the workdir is untouched."""
+    import json
+
+    from tests.test_export import tree_hashes
+
+    workdir = _copy_run(reference, tmp_path / "run")
+    lock = os.path.join(workdir, "train.lock")
+    with open(lock, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01T00:00:00+00:00"}, f)
+    before = tree_hashes(workdir)
+    err = _refused(setup, workdir, f"--config.train.num_steps={STEPS + 2}")
+    assert (
+        f"--workdir={workdir} is in use by another training run (host {socket.gethostname()}, pid {os.getpid()}" in err
+    )
+    assert tree_hashes(workdir) == before
 
 
 def test_resume_refuses_other_base_weights_with_the_same_config(setup, reference, tmp_path):

@@ -37,7 +37,7 @@ Shape (all keys always present; `configs/` files override values, never add keys
   `eval.ref` (real images for FID/KID).
 - `distributed.coordinator_address` ("" = single process unless `distributed.auto`), `distributed.num_processes`,
   `distributed.process_id`, `distributed.auto` (`jax.distributed.initialize()` from the environment: TPU pods,
-  SLURM, ...).
+  SLURM, ...). A setting that cannot take effect (processes without a coordinator, `auto` with one) is an error.
 - `lora.rank`, `lora.alpha` (scale = alpha / rank), `lora.targets` (dotted path suffixes, see
   `models/lora.py`), `lora.dtype` (adapter parameter dtype).
 - `distill.num_segments` K (windows) and `distill.schedule` ("rectified" | "diffusers") with `distill.shift`: the window
@@ -260,6 +260,14 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     d = config.distributed
     if _number(d.num_processes) and _number(d.process_id) and d.process_id >= d.num_processes:
         out.append(f"distributed.process_id={d.process_id} must be < distributed.num_processes={d.num_processes}")
+    if d.coordinator_address and d.auto:
+        out.append("distributed.auto=True and distributed.coordinator_address are exclusive: give one")
+    elif not d.coordinator_address and (d.num_processes != 1 or d.process_id != 0):
+        # ignored without a coordinator: each process would train alone, all in the same workdir
+        how = (
+            "is read from the environment with distributed.auto" if d.auto else "needs distributed.coordinator_address"
+        )
+        out.append(f"distributed.num_processes={d.num_processes}, process_id={d.process_id} cannot take effect: {how}")
     number("lora.rank", 1, integer=True)
     number("lora.alpha", 0, above=True)
     targets = config.lora.targets
