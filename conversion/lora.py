@@ -12,6 +12,9 @@ Pure numpy: never imports flowsteer_jax or torch.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,6 +33,9 @@ PEFT_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "comfyui_lora.safetensors"
 COMFYUI_PREFIX = "lora_transformer_"
 PREFIX = "transformer."
+# diffusers reads this `__metadata__` key of a LoRA file as the PEFT LoraConfig of each component, its keys
+# prefixed `transformer.` (diffusers/loaders/lora_base.py::LORA_ADAPTER_METADATA_KEY, `_pack_dict_with_prefix`).
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # Module-level prefixes accepted on reading: diffusers' pipeline prefix, PEFT `save_pretrained`'s wrapper.
 _READ_PREFIXES = ("transformer.", "base_model.model.")
 # key suffix -> (role, naming scheme)
@@ -161,15 +167,51 @@ def to_comfyui(
     return out
 
 
+def adapter_scales(adapter_metadata: str, modules: Iterable[str]) -> dict[str, tuple[float, int]] | None:
+    """diffusers' `lora_adapter_metadata` (the JSON a LoRA file keeps in its `__metadata__`) -> `{module: (scale,
+    r)}` for each of `modules` (diffusers module names): the scale PEFT gives it, `alpha / r` (`alpha / sqrt(r)`
+    with `use_rslora`), `alpha_pattern`/`rank_pattern` matched as PEFT's `get_pattern_key` does, LoraConfig's
+    defaults (r = alpha = 8) for what is absent. None when it holds no `transformer.` config. ConversionError for
+    JSON that is not a config, or DoRA (not a scale)."""
+    try:
+        packed = json.loads(adapter_metadata)
+    except ValueError as e:
+        raise ConversionError(f"{LORA_ADAPTER_METADATA_KEY} is not JSON ({e})") from e
+    if not isinstance(packed, dict):
+        raise ConversionError(f"{LORA_ADAPTER_METADATA_KEY} is not a JSON object")
+    config = {k.removeprefix(PREFIX): v for k, v in packed.items() if k.startswith(PREFIX)}
+    if not config:
+        return None
+    if config.get("use_dora"):
+        raise ConversionError(f"{LORA_ADAPTER_METADATA_KEY}: a DoRA adapter (use_dora), which is not supported")
+
+    def pattern(table: Mapping[str, Any], module: str, default: Any) -> Any:
+        for key in table:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return table[key]
+        return default
+
+    out = {}
+    for module in modules:
+        r = int(pattern(config.get("rank_pattern") or {}, module, config.get("r", 8)))
+        alpha = float(pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
+        out[module] = (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r, r)
+    return out
+
+
 def from_peft(
-    state_dict: Mapping[str, np.ndarray], table_or_config: Iterable[Entry] | Mapping[str, Any]
+    state_dict: Mapping[str, np.ndarray],
+    table_or_config: Iterable[Entry] | Mapping[str, Any],
+    adapter_metadata: str | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """diffusers/PEFT (`lora_A`/`lora_B`) or older (`lora.down`/`lora.up`) LoRA state dict -> (our flat LoRA, rank).
 
     Keys may carry the `transformer.` (or PEFT's `base_model.model.`) prefix or none. An optional
-    `<module>.alpha` is folded into lora_B as `alpha / r`, so the result applies with layer scale 1. Arrays
-    come back float32. `rank` is the largest adapter rank (each adapter's own is its arrays' shape). Strict:
-    every key must name a Linear of this transformer, with both halves; else ConversionError naming the keys.
+    `<module>.alpha` is folded into lora_B as `alpha / r`; so is the scale diffusers' `adapter_metadata` (the
+    file's `lora_adapter_metadata`, `adapter_scales`) gives, as diffusers applies it: the result applies with layer
+    scale 1. Arrays come back float32. `rank` is the largest adapter rank (each adapter's own is its arrays'
+    shape). Strict: every key must name a Linear of this transformer, with both halves, and agree with the
+    metadata's rank; else ConversionError naming the keys.
     """
     by_torch = {torch_module(e): path for path, e in linear_modules(table_or_config).items()}
     parts: dict[str, dict[str, np.ndarray]] = {}
@@ -193,6 +235,7 @@ def from_peft(
             problems.append(f"{key!r}: a second {role!r} tensor for {module!r} (two naming schemes mixed?)")
             continue
         parts[module][role] = np.asarray(value)
+    scales = adapter_scales(adapter_metadata, parts) if adapter_metadata is not None else None
     flat: dict[str, np.ndarray] = {}
     ranks = []
     for module, p in parts.items():
@@ -205,8 +248,18 @@ def from_peft(
             continue
         rank = a_t.shape[0]
         b = b_t.T
+        if "alpha" in p and scales is not None:
+            problems.append(f"{module!r}: an .alpha key and {LORA_ADAPTER_METADATA_KEY} both give its scale")
+            continue
         if "alpha" in p:
             b = b * np.float32(float(np.asarray(p["alpha"]).reshape(())) / rank)
+        if scales is not None:
+            scale, meta_rank = scales[module]
+            if meta_rank != rank:
+                problems.append(f"{module!r}: rank {rank}, but {LORA_ADAPTER_METADATA_KEY} says r = {meta_rank}")
+                continue
+            if scale != 1.0:
+                b = b * np.float32(scale)
         ranks.append(rank)
         path = by_torch[module]
         flat[f"{path}.lora_a"] = np.ascontiguousarray(a_t.T)

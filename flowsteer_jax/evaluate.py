@@ -40,6 +40,7 @@ from absl import flags
 
 from conversion.errors import InputError
 from conversion.torch_files import sha256 as sha256_file
+from conversion.training_checkpoint import CHECKPOINTS, resolve_step
 from flowsteer_jax import cli
 from flowsteer_jax.evaluation.metrics import (
     METRICS,
@@ -279,6 +280,13 @@ def _main(args) -> int:
     return 0
 
 
+def _workdir_step(lora: str | None) -> int | None:
+    """The checkpoint step `SD3Pipeline.load_lora(lora)` loads when `lora` is a training workdir, else None."""
+    if lora is None or not os.path.isdir(os.path.join(lora, CHECKPOINTS)):
+        return None
+    return resolve_step(lora)[1]
+
+
 def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):
     """Sample `prompts` for one row into `row_dir` (reusing images already there unless --resample).
 
@@ -295,6 +303,8 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
     settings = {
         "model": os.path.abspath(spec["model"]),
         "lora": os.path.abspath(spec["lora"]) if spec["lora"] else None,
+        # a training workdir's LoRA is its newest step: a newer one is another row (and the export's card finds it)
+        "lora_step": _workdir_step(spec["lora"]),
         "steps": args.steps,
         "guidance": args.guidance,
         "schedule": args.schedule,

@@ -49,7 +49,7 @@ from ml_collections import config_flags
 from conversion.errors import InputError
 from conversion.safetensors_io import weights_fingerprint
 from flowsteer_jax import cli, parallel
-from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
+from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings, source_commit
 from flowsteer_jax.data import EmbeddingCache, PromptLoader
 from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.config import validate, validate_batch
@@ -177,6 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "latent_shape": list(latent_shape),
         "base_fingerprint": weights_fingerprint(world.transformer_folder),
         "run": run_settings(config_json),
+        "commit": source_commit(),
     }
     resume_step = int(config.checkpoint.resume_step)
     if ckpt.latest_step() is not None:

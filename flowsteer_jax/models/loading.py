@@ -105,11 +105,11 @@ def read_lora(
     """A LoRA for the transformer of `transformer_config` -> (`{module path: (A (in, r), B (r, out))}`, layer scale).
 
     `path`: a `.safetensors` file (PEFT `lora_A`/`lora_B` keys, with or without `transformer.`, or `lora.down`/
-    `lora.up` with optional `.alpha`, folded into B), a folder with `pytorch_lora_weights.safetensors`, or a
-    training workdir (its latest orbax checkpoint: the run's `alpha / rank` joins the layer scale, and its
-    transformer config must equal `transformer_config`). The layer scale is `scale` times that. Strict: a key that
-    maps to no Linear of this transformer raises ConversionError naming `path`; FileNotFoundError when `path` is
-    none of the three.
+    `lora.up` with optional `.alpha`, folded into B; so is the scale of diffusers' `lora_adapter_metadata`), a
+    folder with `pytorch_lora_weights.safetensors`, or a training workdir (its latest orbax checkpoint: the run's
+    `alpha / rank` joins the layer scale, and its transformer config must equal `transformer_config`). The layer
+    scale is `scale` times that. Strict: a key that maps to no Linear of this transformer raises ConversionError
+    naming `path`; FileNotFoundError when `path` is none of the three.
     """
     if isinstance(transformer_config, MMDiTConfig):
         transformer_config = transformer_config.to_diffusers()
@@ -118,8 +118,9 @@ def read_lora(
     if os.path.isfile(weights):
         with safe_open(weights, framework="np") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
+            adapter_metadata = (f.metadata() or {}).get(lora_conv.LORA_ADAPTER_METADATA_KEY)
         try:
-            flat, _ = lora_conv.from_peft(state, table)
+            flat, _ = lora_conv.from_peft(state, table, adapter_metadata)
         except ConversionError as e:
             raise ConversionError(f"{weights}: {e}") from e
         layer_scale = float(scale)
