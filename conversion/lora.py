@@ -28,6 +28,9 @@ Pure numpy: never imports flowsteer_jax or torch.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -46,6 +49,9 @@ PEFT_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "comfyui_lora.safetensors"
 COMFYUI_PREFIX = "lora_transformer_"
 PREFIX = "transformer."
+# diffusers reads this `__metadata__` key of a LoRA file as the PEFT LoraConfig of each component, its keys
+# prefixed `transformer.` (diffusers/loaders/lora_base.py::LORA_ADAPTER_METADATA_KEY, `_pack_dict_with_prefix`).
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # The layouts `from_state_dict` reads and `to_layout` writes: layout -> (key prefixes, module names, separator).
 # The first prefix is the one written; `peft` also reads PEFT `save_pretrained`'s wrapper prefix and bare names.
 LAYOUTS: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -257,12 +263,48 @@ def layout_modules(
     return out
 
 
+def adapter_scales(adapter_metadata: str, modules: Iterable[str]) -> dict[str, tuple[float, int]] | None:
+    """diffusers' `lora_adapter_metadata` (the JSON a LoRA file keeps in its `__metadata__`) -> `{module: (scale,
+    r)}` for each of `modules` (diffusers module names): the scale PEFT gives it, `alpha / r` (`alpha / sqrt(r)`
+    with `use_rslora`), `alpha_pattern`/`rank_pattern` matched as PEFT's `get_pattern_key` does, LoraConfig's
+    defaults (r = alpha = 8) for what is absent. None when it holds no `transformer.` config. ConversionError for
+    JSON that is not a config, or DoRA (not a scale)."""
+    try:
+        packed = json.loads(adapter_metadata)
+    except ValueError as e:
+        raise ConversionError(f"{LORA_ADAPTER_METADATA_KEY} is not JSON ({e})") from e
+    if not isinstance(packed, dict):
+        raise ConversionError(f"{LORA_ADAPTER_METADATA_KEY} is not a JSON object")
+    config = {k.removeprefix(PREFIX): v for k, v in packed.items() if k.startswith(PREFIX)}
+    if not config:
+        return None
+    if config.get("use_dora"):
+        raise ConversionError(f"{LORA_ADAPTER_METADATA_KEY}: a DoRA adapter (use_dora), which is not supported")
+
+    def pattern(table: Mapping[str, Any], module: str, default: Any) -> Any:
+        for key in table:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return table[key]
+        return default
+
+    out = {}
+    for module in modules:
+        r = int(pattern(config.get("rank_pattern") or {}, module, config.get("r", 8)))
+        alpha = float(pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
+        out[module] = (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r, r)
+    return out
+
+
 def from_state_dict(
-    state_dict: Mapping[str, np.ndarray], table_or_config: Iterable[Entry] | Mapping[str, Any]
+    state_dict: Mapping[str, np.ndarray],
+    table_or_config: Iterable[Entry] | Mapping[str, Any],
+    adapter_metadata: str | None = None,
 ) -> tuple[dict[str, np.ndarray], int, str]:
     """A LoRA state dict in any of `LAYOUTS` -> (our flat LoRA, rank, layout), the layout detected from the keys.
 
-    `alpha / r` (when an `.alpha` key is there) is folded into lora_B, so the result applies with layer scale 1.
+    `alpha / r` (when an `.alpha` key is there) is folded into lora_B; so is the scale diffusers'
+    `adapter_metadata` (the file's `lora_adapter_metadata`, `adapter_scales`; read for the `peft` layout, whose
+    names are diffusers') gives, as diffusers applies it: the result applies with layer scale 1.
     Arrays come back float32. `rank` is the largest adapter rank. Strict: keys of no layout raise one
     ConversionError naming an example key; in the detected layout, every key must name a Linear of this
     transformer with both halves, else ConversionError naming the keys.
@@ -305,6 +347,11 @@ def from_state_dict(
             problems.append(f"{key!r}: a second {role!r} tensor for {stem!r} (two naming schemes mixed?)")
         else:
             groups[stem][role] = np.asarray(state_dict[key])
+    scales = None
+    if adapter_metadata is not None and layout == "peft":
+        diffusers = {stem: next(stem[len(x) :] for x in LAYOUTS["peft"][0] if stem.startswith(x)) for stem in groups}
+        by_module = adapter_scales(adapter_metadata, diffusers.values())
+        scales = None if by_module is None else {stem: by_module[m] for stem, m in diffusers.items()}
     flat: dict[str, np.ndarray] = {}
     ranks = []
     for stem, p in groups.items():
@@ -318,8 +365,18 @@ def from_state_dict(
             continue
         rank = down.shape[0]
         b = up.T
+        if "alpha" in p and scales is not None:
+            problems.append(f"{stem!r}: an .alpha key and {LORA_ADAPTER_METADATA_KEY} both give its scale")
+            continue
         if "alpha" in p:
             b = b * np.float32(float(np.asarray(p["alpha"], np.float32).reshape(())) / rank)
+        if scales is not None:
+            scale, meta_rank = scales[stem]
+            if meta_rank != rank:
+                problems.append(f"{stem!r}: rank {rank}, but {LORA_ADAPTER_METADATA_KEY} says r = {meta_rank}")
+                continue
+            if scale != 1.0:
+                b = b * np.float32(scale)
         ranks.append(rank)
         for path, r in names[stem]:
             if f"{path}.lora_a" in flat:

@@ -188,17 +188,34 @@ def folder_fingerprint(folder: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors file's header with its `__metadata__` in sorted key order, in place. safetensors
+    writes that map from a Rust HashMap, in another order on every call; the same tensors and metadata should be
+    the same bytes (an export is reproducible, and compared by hash). Reordering keeps the header's length."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > size:  # another JSON style than serde's compact one: keep the file as written
+            return
+        f.seek(8)
+        f.write(new.ljust(size))
+
+
 def save_checkpoint(
     tensors: Mapping[str, np.ndarray],
     folder: str,
     *,
     name: str = "diffusion_pytorch_model",
     max_shard_bytes: int | None = 10 * 2**30,
+    metadata: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Write tensors as `{name}.safetensors`, or as shards + `{name}.safetensors.index.json` above the limit.
 
-    Files are written under a temporary name and renamed, so a crash never leaves a half-written file that
-    looks complete. Returns the written file paths.
+    `metadata`: string entries for every file's `__metadata__`, besides `format: pt`. Files are written under a
+    temporary name and renamed, so a crash never leaves a half-written file that looks complete. Returns the
+    written file paths.
     """
     os.makedirs(folder, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -217,7 +234,8 @@ def save_checkpoint(
     written = []
     for shard, fname in zip(shards, names, strict=True):
         path = os.path.join(folder, fname)
-        save_file(shard, path + ".tmp", metadata={"format": "pt"})
+        save_file(shard, path + ".tmp", metadata={**(metadata or {}), "format": "pt"})
+        _sort_metadata(path + ".tmp")
         os.replace(path + ".tmp", path)
         written.append(path)
     if len(shards) > 1:

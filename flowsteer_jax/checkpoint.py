@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import time
 from typing import Any
 
@@ -94,6 +95,25 @@ RUN_KEYS = (
 )
 SET_ASIDE = "checkpoints_set_aside"  # WORKDIR/<this>/<step>: newer steps moved away by a resume from an older one
 _ABSENT = object()
+
+
+def source_commit() -> str | None:
+    """The git commit of the flowsteer-jax code running (with `+dirty` for uncommitted changes), or None when it is
+    not a git checkout (an installed wheel) or git is missing: the provenance that exports carry."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _lookup(config: dict, key: str) -> Any:

@@ -52,7 +52,7 @@ from absl import flags
 from conversion.errors import InputError
 from conversion.lora import PEFT_FILE
 from conversion.torch_files import sha256 as sha256_file
-from conversion.training_checkpoint import read_lora
+from conversion.training_checkpoint import CHECKPOINTS, read_lora, resolve_step
 from flowsteer_jax import cli, outputs
 from flowsteer_jax.data import prompts_digest
 from flowsteer_jax.evaluation.metrics import (
@@ -394,6 +394,13 @@ def _check_lora(spec: dict) -> None:
         raise InputError(f"--lora={spec['lora']}: {e}") from e
 
 
+def _workdir_step(lora: str | None) -> int | None:
+    """The checkpoint step `SD3Pipeline.load_lora(lora)` loads when `lora` is a training workdir, else None."""
+    if lora is None or not os.path.isdir(os.path.join(lora, CHECKPOINTS)):
+        return None
+    return resolve_step(lora)[1]
+
+
 def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple | None):
     """Sample `prompts` for one row into `row_dir`, or reuse the images there if they were sampled for the same
     contents (the row's key), unless --resample. Images sampled for other contents are refused, naming what
@@ -420,6 +427,8 @@ def _sample_row(args, spec: dict, prompts: list[str], row_dir: str, pipe: tuple 
         "model": os.path.abspath(spec["model"]),
         "lora": os.path.abspath(spec["lora"]) if spec["lora"] else None,
         "lora_scale": args.lora_scale,
+        # a training workdir's LoRA is its newest step: a newer one is another row (and the export's card finds it)
+        "lora_step": _workdir_step(spec["lora"]),
         "steps": args.steps,
         "guidance": args.guidance,
         "schedule": args.schedule,

@@ -53,7 +53,7 @@ from ml_collections import ConfigDict, config_flags
 from conversion.errors import InputError, shorten
 from conversion.safetensors_io import read_json, weights_fingerprint
 from flowsteer_jax import cli, outputs, parallel, tracking
-from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings
+from flowsteer_jax.checkpoint import Checkpointer, CheckpointError, run_settings, source_commit
 from flowsteer_jax.data import EmbeddingCache, PromptLoader, prompts_digest
 from flowsteer_jax.distill import make_step, make_train_state, model_options
 from flowsteer_jax.distill.config import config_latent_shape, validate, validate_batch, validate_model
@@ -242,6 +242,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "components": dict(world.components),
         "prompts": {"count": len(world.prompts), "sha256": prompts_digest(world.prompts)},
         "run": run_settings(config_json, world.config_section, world.config_folders),
+        "commit": source_commit(),
     }
     resume_step = int(config.checkpoint.resume_step)
     if ckpt.latest_step() is not None:

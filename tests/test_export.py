@@ -308,6 +308,12 @@ def test_diffusers_pipeline_sampling_matches_load_lora(world, exported, ours):
     with captured_warnings() as messages:
         ref.load_lora_weights(world["out"])
     assert not key_problems(messages), messages
+    # diffusers reads rank and alpha from the file's lora_adapter_metadata (alpha = rank: the scale is in lora_B)
+    _, read = StableDiffusion3Pipeline.lora_state_dict(world["out"], return_lora_metadata=True)
+    assert (read["transformer.r"], read["transformer.lora_alpha"]) == (RANK, RANK)
+    assert len(read["transformer.target_modules"]) == len(world["flat"]) // 2
+    (peft_config,) = ref.transformer.peft_config.values()
+    assert (peft_config.r, peft_config.lora_alpha) == (RANK, RANK)
     readme_sigmas = rectified_sigmas(4, 3.0)
     ref.scheduler = FlowMatchEulerDiscreteScheduler.from_config(ref.scheduler.config, shift=1.0)
     noise = np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32)
@@ -643,7 +649,9 @@ def test_export_refuses_a_non_empty_out(world, exported, tmp_path, capsys):
     os.makedirs(tmp_path / "empty")  # an empty folder is fine
     rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={tmp_path / 'empty'}", "--format=peft")
     assert rc == 0, err
-    assert sorted(os.listdir(tmp_path / "empty")) == ["README.md", "export.json", "export.log", MANIFEST, PEFT_FILE]
+    assert sorted(os.listdir(tmp_path / "empty")) == sorted(
+        ["README.md", "export.json", "export.log", MANIFEST, PEFT_FILE, "workflow.json"]
+    )
 
 
 def test_export_never_writes_into_a_run_or_a_checkpoint(world, exported, tmp_path, capsys, monkeypatch):
@@ -703,7 +711,9 @@ def test_overwrite_replaces_a_sharded_export_whole(world, student, tmp_path, cap
     rc, err = run_export(capsys, ck, f"--out={out}", "--fuse", "--format=peft", "--overwrite")
     assert rc == 0, err
     assert sorted(os.listdir(tdir)) == ["config.json", "diffusion_pytorch_model.safetensors"]
-    assert sorted(os.listdir(out)) == ["README.md", "export.json", "export.log", MANIFEST, PEFT_FILE, "transformer"]
+    assert sorted(os.listdir(out)) == sorted(
+        ["README.md", "export.json", "export.log", MANIFEST, PEFT_FILE, "transformer", "workflow.json"]
+    )
     assert (out / "export.log").read_text().count("start:") == 2  # the folder's history, carried over
     assert not [n for n in os.listdir(tmp_path) if n != "fused"]  # no .tmp-/.old- folder left
     fused = SD3Transformer2DModel.from_pretrained(str(tdir)).eval()
@@ -846,3 +856,316 @@ def test_export_and_load_lora_use_the_ema_weights(world, tmp_path, capsys):
         pairs, _ = read_lora_pairs(workdir, json.load(f))
     module = next(iter(pairs))
     np.testing.assert_array_equal(pairs[module][0], ema[f"{module}.lora_a"])
+
+
+# --- self-describing files, the model card, the ComfyUI workflow (issue #27) ---
+
+
+def file_metadata_of(path: str) -> dict[str, str]:
+    with safe_open(path, framework="np") as f:
+        return f.metadata() or {}
+
+
+def test_files_carry_metadata(world, exported):
+    """Every exported safetensors file: ModelSpec keys, the sampling recipe, provenance; the LoRA files also
+    diffusers' `lora_adapter_metadata` with the alpha each file needs (rank for the PEFT file, whose lora_B holds
+    the scale; the run's alpha for the ComfyUI one, as its `.alpha` keys)."""
+    from conversion.lora import COMFYUI_FILE, LORA_ADAPTER_METADATA_KEY
+    from flowsteer_jax.export import config_hash
+
+    meta = read_lora(world["workdir"])[1]
+    peft = file_metadata_of(os.path.join(world["out"], PEFT_FILE))
+    comfy = file_metadata_of(os.path.join(world["out"], COMFYUI_FILE))
+    fused = file_metadata_of(os.path.join(world["out"], "transformer", "diffusion_pytorch_model.safetensors"))
+    for md in (peft, comfy, fused):
+        assert md["format"] == "pt" and md["modelspec.sai_model_spec"] == "1.0.0"
+        assert md["modelspec.implementation"] == "diffusers" and md["modelspec.title"]
+        side = meta["transformer_config"]["sample_size"] * 8  # latents x SD3's VAE factor
+        assert md["modelspec.resolution"] == f"{side}x{side}"
+        assert json.loads(md["flowsteer.sigmas"]) == [1.0, 0.9, 0.75, 0.5, 0.0]
+        assert (md["flowsteer.steps"], md["flowsteer.shift"], md["flowsteer.schedule"]) == ("4", "3", "rectified")
+        assert md["flowsteer.guidance_scale"] == "1.0" and "CFG off" in md["modelspec.usage_hint"]
+        assert "sigmas=[1.0, 0.9, 0.75, 0.5]" in md["modelspec.usage_hint"]
+        assert md["flowsteer.step"] == str(STEP) and md["flowsteer.config_sha256"] == config_hash(meta["config"])
+        # an older checkpoint (no base_fingerprint, no commit in its meta): said so, not filled in
+        assert md["flowsteer.base_fingerprint"] == md["flowsteer.commit"] == "unrecorded"
+    assert peft["modelspec.architecture"] == comfy["modelspec.architecture"] == "stable-diffusion-3/lora"
+    assert fused["modelspec.architecture"] == "stable-diffusion-3" and LORA_ADAPTER_METADATA_KEY not in fused
+    with safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as f:
+        modules = sorted({k.removeprefix("transformer.").split(".lora_")[0] for k in f.keys()})
+    want = {"transformer.r": RANK, "transformer.target_modules": modules}
+    assert json.loads(peft[LORA_ADAPTER_METADATA_KEY]) == {**want, "transformer.lora_alpha": RANK}
+    assert json.loads(comfy[LORA_ADAPTER_METADATA_KEY]) == {**want, "transformer.lora_alpha": ALPHA}
+    with safe_open(os.path.join(world["out"], COMFYUI_FILE), framework="np") as f:
+        assert {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")} == {ALPHA}
+
+
+def test_metadata_alpha_same_strength_in_diffusers_and_ours(world, exported, student, ours, tmp_path):
+    """A PEFT file whose scale is only in `lora_adapter_metadata` (lora_B unscaled, lora_alpha = the run's alpha:
+    what diffusers' own `save_lora_weights` writes): diffusers and `SD3Pipeline.load_lora` apply alpha / r, and
+    both equal the student (ours bit for bit: / 2 then x 2 is exact)."""
+    from conversion.lora import LORA_ADAPTER_METADATA_KEY
+
+    model, meta = student
+    with safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        md = f.metadata()
+    unscaled = {k: v / np.float32(ALPHA / RANK) if ".lora_B." in k else v for k, v in sd.items()}
+    config = json.loads(md[LORA_ADAPTER_METADATA_KEY])
+    path = str(tmp_path / "alpha_in_metadata.safetensors")
+    save_file(
+        unscaled, path, metadata={LORA_ADAPTER_METADATA_KEY: json.dumps({**config, "transformer.lora_alpha": ALPHA})}
+    )
+    inputs = transformer_inputs(meta["transformer_config"])
+    want = ours_forward(model, inputs)
+    ours.load_lora(path)
+    np.testing.assert_array_equal(ours_forward(ours.transformer, inputs), want)
+    tm = SD3Transformer2DModel.from_pretrained(os.path.join(world["folder"], "transformer")).eval()
+    tm.load_lora_adapter(str(tmp_path), prefix="transformer", weight_name=os.path.basename(path))
+    assert tm.peft_config["default_0"].lora_alpha == ALPHA and tm.peft_config["default_0"].r == RANK
+    assert rel_err(torch_forward(tm, inputs), want) <= 1e-4
+
+
+def test_adapter_metadata_checks(world, exported):
+    """PEFT's per-module scale from the metadata: patterns (matched as peft's get_pattern_key), rsLoRA, LoraConfig
+    defaults; and the refusals: DoRA, rank disagreeing with the arrays, an .alpha key besides the metadata."""
+    from conversion.lora import adapter_scales
+
+    modules = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "proj_out"]
+    md = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {"attn.to_k": 2}}
+    md["transformer.rank_pattern"] = {"proj_out": 2}
+    want = {modules[0]: (2.0, 4), modules[1]: (0.5, 4), modules[2]: (4.0, 2)}
+    assert adapter_scales(json.dumps(md), modules) == want
+    rs = {"transformer.r": 16, "transformer.lora_alpha": 8, "transformer.use_rslora": True}
+    assert adapter_scales(json.dumps(rs), modules[:1]) == {modules[0]: (2.0, 16)}
+    assert adapter_scales(json.dumps({"transformer.r": 8}), modules[:1]) == {modules[0]: (1.0, 8)}
+    assert adapter_scales(json.dumps({"text_encoder.r": 8}), modules) is None
+    with pytest.raises(ConversionError, match="DoRA"):
+        adapter_scales(json.dumps({"transformer.use_dora": True}), modules)
+    with pytest.raises(ConversionError, match="not JSON"):
+        adapter_scales("{", modules)
+
+    tconf = read_lora(world["workdir"])[1]["transformer_config"]
+    with safe_open(os.path.join(world["out"], PEFT_FILE), framework="np") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    flat, _, _ = from_state_dict(sd, tconf, json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 2 * RANK}))
+    plain, _, _ = from_state_dict(sd, tconf)
+    for k in flat:
+        np.testing.assert_array_equal(flat[k], plain[k] * (2.0 if k.endswith("lora_b") else 1.0))
+    with pytest.raises(ConversionError, match=f"rank {RANK}, but lora_adapter_metadata says r = 8"):
+        from_state_dict(sd, tconf, json.dumps({"transformer.r": 8}))
+    module = next(k for k in sd if k.endswith(".lora_A.weight")).removesuffix(".lora_A.weight")
+    with pytest.raises(ConversionError, match="an .alpha key and lora_adapter_metadata both"):
+        from_state_dict({**sd, f"{module}.alpha": np.float32(4)}, tconf, json.dumps({"transformer.r": RANK}))
+
+
+def front_matter_of(readme: str) -> dict:
+    """The model card's YAML front matter as huggingface_hub's ModelCard parses it."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard(readme).data.to_dict()
+
+
+def results_rows(world) -> dict:
+    """An evaluate results.json: this checkpoint's step (and another), its base, and an image-folder row."""
+    from conversion.safetensors_io import weights_fingerprint
+
+    fp = weights_fingerprint(os.path.join(world["folder"], "transformer"))
+    workdir = os.path.abspath(world["workdir"])
+
+    def row(label, nfe, lora, step, pick, fingerprint=fp):
+        sampling = {"lora": lora, "lora_step": step, "steps": 4}
+        prov = {"sampling": sampling, "transformer_fingerprint": fingerprint}
+        return {"label": label, "nfe": nfe, "metrics": {"pickscore": pick, "clip_score": 30.0}, "provenance": prov}
+
+    return {
+        "rows": [
+            row("teacher", "28x2", None, None, 22.5),
+            row("other base", "28x2", None, None, 1.0, fingerprint="0" * 16),
+            row("student", "4x1", workdir, STEP, 22.25),
+            row("older step", "4x1", workdir, STEP - 1, 20.0),
+            {"label": "folder", "nfe": "—", "metrics": {"pickscore": 9.0}, "provenance": {"images": {}}},
+        ]
+    }
+
+
+def test_model_card(world, exported, tmp_path, capsys):
+    """README.md: YAML front matter the hub tools parse (base_model, adapter relation, library, licence of a
+    published base, tags), the paper, the runnable diffusers recipe with sigmas=, and the evaluate table of this
+    checkpoint step (plus its base) when --results names one; a results file without this step: one line, exit 2."""
+    from flowsteer_jax.export import base_model_id, front_matter
+
+    card = front_matter_of(open(os.path.join(world["out"], "README.md")).read())
+    assert "base_model" not in card  # a local base folder: no hub id to name
+    assert card["library_name"] == "diffusers" and card["pipeline_tag"] == "text-to-image"
+    assert {"lora", "sd3", "flowsteer"} <= set(card["tags"])
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(results_rows(world)))
+    out = tmp_path / "card"
+    base = "stabilityai/stable-diffusion-3-medium-diffusers"
+    ck = f"--checkpoint={world['workdir']}"
+    rc, err = run_export(
+        capsys, ck, f"--out={out}", "--format=peft", f"--base_model={base}", f"--results={tmp_path / 'eval'}"
+    )
+    assert rc == 0, err
+    readme = (out / "README.md").read_text()
+    card = front_matter_of(readme)
+    assert card["base_model"] == base and card["base_model_relation"] == "adapter"
+    assert "FlowSteer (Ke et al., CVPR 2026)" in readme
+    code = readme.split("```python\n")[1].split("```")[0]
+    assert f'from_pretrained("{base}"' in code and "sigmas = [1.0, 0.9, 0.75, 0.5]" in code
+    assert "num_inference_steps=4, guidance_scale=0.0, sigmas=sigmas" in code
+    compile(code, "README.md", "exec")  # runnable Python
+    table = readme.split("## Evaluation\n\n")[1].split("\n\n")[0].splitlines()
+    assert table[0] == "| method | NFE | clip_score | pickscore |"
+    assert table[2:] == ["| teacher | 28x2 | 30 | 22.5 |", "| student | 4x1 | 30 | 22.25 |"]
+    meta = file_metadata_of(str(out / PEFT_FILE))
+    assert base in meta["modelspec.description"] and base in meta["modelspec.title"]
+
+    # a published shape gets its licence; a hub cache path names its base
+    sd3m = {"num_layers": 24, "caption_projection_dim": 1536, "qk_norm": None, "sample_size": 128}
+    assert "license_name: stabilityai-ai-community" in front_matter(sd3m, base)
+    cache = tmp_path / "hub" / "models--stabilityai--stable-diffusion-3.5-large" / "snapshots" / "abc123"
+    cache.mkdir(parents=True)
+    assert base_model_id(str(cache), None) == "stabilityai/stable-diffusion-3.5-large"
+    assert base_model_id(str(cache), "me/mine") == "me/mine" and base_model_id(str(tmp_path), None) is None
+
+    rows = results_rows(world)
+    rows["rows"] = [r for r in rows["rows"] if r["label"] != "student"]
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(rows))
+    rc, err = run_export(capsys, ck, f"--out={tmp_path / 'none'}", f"--results={tmp_path / 'eval'}")
+    assert rc == 2 and len(err) == 1 and f"no row evaluates {world['workdir']} at step {STEP}" in err[0], err
+    assert not os.path.exists(tmp_path / "none")
+
+
+# ComfyUI's nodes the workflow uses: required inputs and outputs, from ComfyUI's source (nodes.py:
+# CheckpointLoaderSimple, LoraLoaderModelOnly, CLIPTextEncode, KSampler, VAEDecode, SaveImage;
+# comfy_extras/nodes_model_advanced.py: ModelSamplingSD3; comfy_extras/nodes_sd3.py: EmptySD3LatentImage).
+COMFY_NODES = {
+    "CheckpointLoaderSimple": ({"ckpt_name"}, ("MODEL", "CLIP", "VAE")),
+    "LoraLoaderModelOnly": ({"model", "lora_name", "strength_model"}, ("MODEL",)),
+    "ModelSamplingSD3": ({"model", "shift"}, ("MODEL",)),
+    "CLIPTextEncode": ({"text", "clip"}, ("CONDITIONING",)),
+    "EmptySD3LatentImage": ({"width", "height", "batch_size"}, ("LATENT",)),
+    "KSampler": (
+        {
+            "model",
+            "seed",
+            "steps",
+            "cfg",
+            "sampler_name",
+            "scheduler",
+            "positive",
+            "negative",
+            "latent_image",
+            "denoise",
+        },
+        ("LATENT",),
+    ),
+    "VAEDecode": ({"samples", "vae"}, ("IMAGE",)),
+    "SaveImage": ({"images", "filename_prefix"}, ()),
+}
+# The type each linked input takes (same sources).
+COMFY_INPUT_TYPES = {
+    "model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING", "negative": "CONDITIONING",
+    "latent_image": "LATENT", "samples": "LATENT", "images": "IMAGE",
+}  # fmt: skip
+
+
+def comfyui_simple_sigmas(steps: int, shift: float) -> np.ndarray:
+    """What ComfyUI's KSampler(scheduler="simple") samples on after ModelSamplingSD3(shift), reimplemented from
+    ComfyUI's source in float32 torch: comfy/model_sampling.py::ModelSamplingDiscreteFlow.set_parameters
+    (timesteps 1000, multiplier 1000: `sigmas = time_snr_shift(shift, (arange(1, 1001) / 1000 * 1000) / 1000)`,
+    `time_snr_shift(a, t) = a t / (1 + (a - 1) t)`) and comfy/samplers.py::simple_scheduler (`ss = len(sigmas) /
+    steps`, `sigmas[-(1 + int(x * ss))]` for x < steps, then 0)."""
+    t = (torch.arange(1, 1001, 1) / 1000) * 1000 / 1000
+    table = t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+    ss = len(table) / steps
+    picked = [float(table[-(1 + int(x * ss))]) for x in range(steps)] + [0.0]
+    return torch.FloatTensor(picked).numpy()
+
+
+def test_comfyui_workflow(world, exported):
+    """workflow.json: ComfyUI's API format with its node and input names, every link to an existing node's output
+    of the right type; the LoRA file it loads is in the export; and the sigmas ComfyUI derives from it (KSampler
+    simple on ModelSamplingSD3) are our rectified grid, bit for bit (here; within float32 rounding for every step
+    count that divides 1000, the ones the export writes a workflow for; another count gets none)."""
+    from conversion.lora import COMFYUI_FILE
+    from flowsteer_jax.export import comfyui_workflow
+    from flowsteer_jax.flow import schedules
+
+    wf = json.loads(open(os.path.join(world["out"], "workflow.json")).read())
+    for node_id, node in wf.items():
+        required, _ = COMFY_NODES[node["class_type"]]
+        assert set(node["inputs"]) == required, (node_id, node)
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):  # a link [node id, output index]
+                source = wf[value[0]]["class_type"]
+                assert COMFY_NODES[source][1][value[1]] == COMFY_INPUT_TYPES[name], (node_id, name, value)
+    by_type = {n["class_type"]: n["inputs"] for n in wf.values()}
+    assert set(by_type) == set(COMFY_NODES)
+    lora, sampling, sampler = by_type["LoraLoaderModelOnly"], by_type["ModelSamplingSD3"], by_type["KSampler"]
+    assert lora["lora_name"] == COMFYUI_FILE and lora["strength_model"] == 1.0
+    assert os.path.isfile(os.path.join(world["out"], lora["lora_name"]))
+    assert wf[sampler["model"][0]]["class_type"] == "ModelSamplingSD3"
+    assert wf[sampling["model"][0]]["class_type"] == "LoraLoaderModelOnly"
+    assert (sampler["steps"], sampler["cfg"], sampler["denoise"]) == (4, 1.0, 1.0)
+    assert (sampler["sampler_name"], sampler["scheduler"]) == ("euler", "simple")
+    implied = comfyui_simple_sigmas(sampler["steps"], sampling["shift"])
+    np.testing.assert_array_equal(implied, schedules.sigmas(4, "rectified", 3.0))
+    assert implied.tolist() == [1.0, np.float32(0.9), 0.75, 0.5, 0.0]
+
+    # Other step counts that divide 1000: the same grid points; ComfyUI rounds each of its float32 operations, we
+    # round once, so they differ by at most 2 units in the last place (6e-8 at sigma 0.5).
+    for n in (1, 2, 5, 8, 10, 20, 25, 40, 50):
+        for shift in (1.0, 3.0, 6.0):
+            np.testing.assert_array_max_ulp(comfyui_simple_sigmas(n, shift), schedules.sigmas(n, "rectified", shift), 2)
+    tconf = read_lora(world["workdir"])[1]["transformer_config"]
+    config = {"distill": {"num_segments": 3, "shift": 3.0, "schedule": "rectified"}}
+    assert np.abs(comfyui_simple_sigmas(3, 3.0) - schedules.sigmas(3, "rectified", 3.0)).max() > 1e-4
+    assert comfyui_workflow(config, tconf, COMFYUI_FILE) is None
+    config["distill"] |= {"num_segments": 4, "schedule": "diffusers"}
+    assert comfyui_workflow(config, tconf, COMFYUI_FILE) is None
+
+
+def test_provenance_commit_and_evaluated_step(world, exported, tmp_path, capsys):
+    """The code commit training records, and the checkpoint's save time, reach the exported files (and the card);
+    `source_commit` is this checkout's HEAD; evaluate's `lora_step` (what `read_results` matches) is the step a
+    workdir LoRA loads."""
+    import subprocess as sp
+
+    from flowsteer_jax.checkpoint import source_commit
+    from flowsteer_jax.evaluate import _workdir_step
+
+    head = sp.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert source_commit().removesuffix("+dirty") == head
+    extra = {"commit": "abc123+dirty", "time": 1733300000.0, "base_fingerprint": "0123456789abcdef"}
+    workdir = with_meta(world["workdir"], str(tmp_path / "run"), **extra)
+    rc, err = run_export(capsys, f"--checkpoint={workdir}", f"--out={tmp_path / 'out'}", "--format=peft")
+    assert rc == 0, err
+    md = file_metadata_of(str(tmp_path / "out" / PEFT_FILE))
+    assert md["flowsteer.commit"] == "abc123+dirty" and md["flowsteer.base_fingerprint"] == "0123456789abcdef"
+    assert md["modelspec.date"] == "2024-12-04T08:13:20Z"  # the checkpoint's save time: reproducible bytes
+    assert "code commit `abc123+dirty`" in (tmp_path / "out" / "README.md").read_text()
+    assert _workdir_step(world["workdir"]) == STEP
+    assert _workdir_step(world["out"]) is None and _workdir_step(None) is None
+
+
+def test_a_published_base_shape(world, exported, tmp_path, capsys, monkeypatch):
+    """A base of a published SD3 shape (`KNOWN_BASES`, here the tiny shape posing as one): its ModelSpec
+    architecture, its licence in the card, its all-in-one checkpoint in the workflow, and, its folder being local, a
+    one-line note naming the hub id to pass as --base_model (not guessed into the card)."""
+    from flowsteer_jax import export as export_mod
+
+    tconf = read_lora(world["workdir"])[1]["transformer_config"]
+    key = (tconf["num_layers"], tconf["caption_projection_dim"], tconf.get("qk_norm"), False)
+    monkeypatch.setitem(export_mod.KNOWN_BASES, key, ("stable-diffusion-3-t", "org/tiny-sd3", "tiny_sd3.safetensors"))
+    rc, err = run_export(capsys, f"--checkpoint={world['workdir']}", f"--out={tmp_path / 'out'}")
+    assert rc == 0 and len(err) == 1 and "note: the model card names no base_model" in err[0], err
+    assert "--base_model=org/tiny-sd3" in err[0]
+    card = front_matter_of((tmp_path / "out" / "README.md").read_text())
+    assert "base_model" not in card and card["license_name"] == "stabilityai-ai-community"
+    assert file_metadata_of(str(tmp_path / "out" / PEFT_FILE))["modelspec.architecture"] == "stable-diffusion-3-t/lora"
+    workflow = json.loads((tmp_path / "out" / "workflow.json").read_text())
+    assert workflow["1"]["inputs"]["ckpt_name"] == "tiny_sd3.safetensors"

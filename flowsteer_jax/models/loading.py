@@ -114,11 +114,11 @@ def read_lora(
 
     `path`: a `.safetensors` file in any layout `conversion.lora.from_state_dict` reads (PEFT/diffusers,
     kohya/SAI `lora_unet_*` with fused qkv, ComfyUI `diffusion_model.*`, OneTrainer `lora_transformer_*`; any
-    `.alpha` folded into B), a folder with `pytorch_lora_weights.safetensors`, or a training workdir (its latest
-    orbax checkpoint: the run's `alpha / rank` joins the layer scale, and its transformer config must equal
-    `transformer_config`). The layer scale is `scale` times that. Strict: a file of no known layout, or a key
-    that maps to no Linear of this transformer, raises ConversionError naming `path`; FileNotFoundError when
-    `path` is none of the three.
+    `.alpha` folded into B; so is the scale of diffusers' `lora_adapter_metadata`), a folder with
+    `pytorch_lora_weights.safetensors`, or a training workdir (its latest orbax checkpoint: the run's
+    `alpha / rank` joins the layer scale, and its transformer config must equal `transformer_config`). The layer
+    scale is `scale` times that. Strict: a file of no known layout, or a key that maps to no Linear of this
+    transformer, raises ConversionError naming `path`; FileNotFoundError when `path` is none of the three.
     """
     if isinstance(transformer_config, MMDiTConfig):
         transformer_config = transformer_config.to_diffusers()
@@ -127,8 +127,9 @@ def read_lora(
     if os.path.isfile(weights):
         with open_safetensors(weights) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
+            adapter_metadata = (f.metadata() or {}).get(lora_conv.LORA_ADAPTER_METADATA_KEY)
         try:
-            flat, _, _ = lora_conv.from_state_dict(state, table)
+            flat, _, _ = lora_conv.from_state_dict(state, table, adapter_metadata)
         except ConversionError as e:
             raise ConversionError(f"{weights}: {e}") from e
         layer_scale = float(scale)
