@@ -37,6 +37,10 @@ def get_config():
     c.distill.start_points = "ota"
     c.disc.num_blocks = 12
     c.loss.lambda_adv, c.loss.lambda_fm = 0.5, 1.0
+    # The paper's loss integrates over each window, which weighs a window by its length ("length"; 0.1 to 0.5 on
+    # this grid). "uniform" (1/K each) is kept until the toy measurement decides (docs/design.md, "The FlowSteer
+    # step"): not yet measured at 5 seeds, and it is what every run so far trained with. SD3.5-Large inherits it.
+    c.loss.window_weighting = "uniform"
     c.train.num_steps = 10_000
     c.train.batch_size = 8
     # FSDP over every device: on one GPU (1, 1, 1); on 8, the base and discriminator split 8-way (11.3 GiB per H100,
