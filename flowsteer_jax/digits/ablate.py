@@ -19,8 +19,11 @@ evaluation set:
 
 Table 4 (`--tables=4`): the full method with one change each: the discriminator's depth (1 or all 4 teacher
 blocks instead of 2), heads on every block, a frozen or LoRA trunk, the non-saturating or least-squares loss.
-`--tables=k`: the full method with K = 1 and 2 windows (1- and 2-step students). A value within noise of the row
-it is compared with (the row above in Table 5, the full method elsewhere) is marked ≈.
+`--tables=k`: the full method with K = 1 and 2 windows (1- and 2-step students). `--tables=m`: the mechanism rows
+(interpolated starts + adversarial, D on the student's rollout, the velocity loss's window weighting). A value whose
+difference from the row it is compared with (the row above in Table 5, the full method elsewhere) is not resolved
+(Welch's p >= 0.05 over seeds) is marked ≈; every such test, with the paired-by-seed p, is listed under the tables.
+Rows are mean ± the sample std (ddof = 1).
 
 Teacher-only tables, over the same seeds (evaluation noise `EVAL_SEED + k`), CFG at the world's teacher guidance:
 Table 2 samples N = 1, 2, 4, 8, 28 steps with both schedules (≈: rectified within noise of diffusers at that N).
@@ -30,7 +33,12 @@ real training-split image for the prompt, the point PeRFlow trains from) instead
 "own trajectory" row is the uninterrupted solve from the same noise eps (the same at every t), which is also
 the reference of the interpolated rows' MSE (≈: within noise of it).
 
-Results: `WORKDIR/ablation.md`, `ablation.json` (accumulated over invocations with the same settings, so
+A world with `compose.gate` (`configs/digits_compose_noisy.py`) runs Tables 1 and 2 first and trains no row unless
+the teacher-only gate passes (`gate`, docs/design.md "Worlds"); Table 1 then also has the own-sample controls and
+per-image paired statistics.
+
+Results: `WORKDIR/ablation.md`, `<config>_ablation.json` (`{row: {metric: [per seed]}}`, the paper's Table 5 row
+names), `ablation.json` (accumulated over invocations with the same settings, so
 `--tables=k` after the default tables adds its rows and reuses the finished runs of the full method), and samples
 `WORKDIR/samples/<row>_seed<k>.npz`. The OTA cost column is trained windows per second of each row.
 """
