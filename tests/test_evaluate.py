@@ -178,9 +178,12 @@ def test_noise_is_per_image_and_lora_rows(world, first_run, tmp_path, capsys):
     before = os.path.getmtime(f"{new}/base/00000.png")
     rc, _, err = run(sampled(world, new, "--batch=3", "--metrics=clip", "--labels=base"), capsys)
     assert rc == 0 and "reusing the 6 images" in err and os.path.getmtime(f"{new}/base/00000.png") == before
-    # --lora_scale is a sampling setting: the student row at scale 0 is sampled again, and is the base
-    rc, _, err = run(sampled(world, new, "--batch=3", "--metrics=clip", "--lora", lora, "--lora_scale=0",
-                             "--labels=student"), capsys)  # fmt: skip
+    # --lora_scale is part of a row's key: the student row at scale 0 is refused naming it, then with --resample
+    # sampled again, and is the base
+    scale0 = sampled(world, new, "--batch=3", "--metrics=clip", "--lora", lora, "--lora_scale=0", "--labels=student")
+    rc, _, err = run(scale0, capsys)
+    assert rc == 2 and "lora_scale: 1.0 -> 0.0" in err, err
+    rc, _, err = run([*scale0, "--resample"], capsys)
     assert rc == 0 and "reusing" not in err, err
     assert np.abs(pixels(f"{new}/student") - base).max() <= 1
 

@@ -529,17 +529,28 @@ def test_sample_never_overwrites_images(world, exported, ours, tmp_path, monkeyp
     assert sample.main([*base, "--prompt=a dog", "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["00000.png", MANIFEST, "grid.png", "prompts.txt", "sample.log"]
     assert (out / "prompts.txt").read_text() == "a dog\n"
-    # a failure after the output was started: one line naming the log; the folder keeps only the log
+    # a bad --lora is refused before anything is written (checked against the model's config first)
     os.makedirs(tmp_path / "not_a_lora")
     failed = tmp_path / "failed"
     capsys.readouterr()
     assert sample.main([*base[:-2], f"--out={failed}", "--prompt=a dog", f"--lora={tmp_path / 'not_a_lora'}"]) == 2
     err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("flowsteer_jax.sample: error: --lora=") and not os.path.exists(failed), err
+    # a failure after the output was started: one line naming the log; the folder keeps only the log
+    from conversion.errors import InputError
+    from flowsteer_jax import pipeline as pipeline_module
+
+    def broken(*args, **kwargs):
+        raise InputError("the model could not be loaded")
+
+    monkeypatch.setattr(pipeline_module.SD3Pipeline, "from_pretrained", broken)
+    assert sample.main([*base[:-2], f"--out={failed}", "--prompt=a dog"]) == 2
+    err = capsys.readouterr().err.splitlines()
     log = os.path.join(os.path.realpath(failed), "sample.log")
     assert [line for line in err if "error" in line] == err[-1:], err  # before it: progress lines only
-    assert err[-1].startswith("flowsteer_jax.sample: error: --lora=") and err[-1].endswith(f"(log: {log})"), err
+    assert err[-1] == f"flowsteer_jax.sample: error: the model could not be loaded (log: {log})", err
     assert sorted(os.listdir(failed)) == [MANIFEST, "sample.log"]
-    assert "failed: --lora=" in open(log).read()
+    assert "failed: the model could not be loaded" in open(log).read()
     ours.load_lora(world["workdir"])  # as test_sample_cli_lora left it
 
 
