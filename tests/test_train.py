@@ -82,6 +82,13 @@ def _start(setup, workdir, *overrides, env=None):
     )
 
 
+def _finish(setup, workdir, *overrides, timeout=600) -> subprocess.CompletedProcess:
+    """The trainer run to its end in a subprocess, whatever its exit code (stderr captured)."""
+    return subprocess.run(
+        _args(setup, workdir, *overrides), env=setup["env"], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def _run(setup, workdir, *overrides, timeout=600):
     proc = _start(setup, workdir, *overrides)
     out, err = proc.communicate(timeout=timeout)
@@ -354,18 +361,12 @@ def test_unreadable_newest_checkpoint_is_refused_and_an_older_step_resumes(setup
 
 def test_non_finite_steps_abort_and_keep_the_last_good_checkpoint(setup, tmp_path):
     workdir = str(tmp_path / "nan")
-    proc = subprocess.run(
-        _args(
-            setup,
-            workdir,
-            "--config.optim.lora.lr=1e38",
-            "--config.train.max_bad_steps=3",
-            "--config.checkpoint.every_steps=1",
-        ),
-        env=setup["env"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = _finish(
+        setup,
+        workdir,
+        "--config.optim.lora.lr=1e38",
+        "--config.train.max_bad_steps=3",
+        "--config.checkpoint.every_steps=1",
         timeout=300,
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -380,19 +381,12 @@ def test_a_run_ending_in_non_finite_updated_weights_fails_and_saves_nothing(setu
     it changes nothing, and neither do the 2 after it (fewer than train.max_bad_steps = 20). The run fails, and
     no checkpoint is labelled with a step whose state it does not hold."""
     workdir = str(tmp_path / "inf")
-    proc = subprocess.run(
-        _args(
-            setup,
-            workdir,
-            "--config.optim.lora.lr=1e39",
-            "--config.train.num_steps=3",
-            "--config.checkpoint.every_steps=1",
-        ),
-        env=setup["env"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = _finish(
+        setup,
+        workdir,
+        "--config.optim.lora.lr=1e39",
+        "--config.train.num_steps=3",
+        "--config.checkpoint.every_steps=1",
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
