@@ -18,7 +18,7 @@ Per step, for a batch of B prompts (docs/design.md, "The FlowSteer step"):
    `optax.partition` applies clipped AdamW per branch. With `lambda_adv = lambda_fm = 0` there is no
    discriminator in the state, so none in the compiled step.
 6. With `ema.decay > 0`, `ema_update` moves `train_state["ema"]` towards the new LoRA.
-7. A non-finite loss, gradient or updated parameter keeps params, optimizer state and EMA (a select, so no NaN
+7. A non-finite loss, gradient or updated parameter keeps params, optimizer state and EMA (a `lax.cond`, so no NaN
    reaches them); `step` still advances (fresh noise next time), `nonfinite` counts it, `metrics["finite"]` reports it.
 
 Metrics: `loss` (`L_student + L_D`, what is differentiated), `loss_student`, `loss_dist`, `loss_adv`,
@@ -191,7 +191,9 @@ def build_train_step(
         # A finite gradient can still overflow the parameters (a huge learning rate): they are checked too.
         checked = jax.tree.leaves(grads) + jax.tree.leaves(new_params)
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked]))
-        keep = lambda new, old: jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)  # noqa: E731
+        # A cond, not an elementwise select: with `finite` depending on the updated parameters, XLA:CPU took 3.5x
+        # longer to compile the selects (digits: 76 s vs 21 s for the first step); the cond compiles in 10 s.
+        keep = lambda new, old: jax.lax.cond(finite, lambda: new, lambda: old)  # noqa: E731
         new_state = {
             "step": step + 1,
             "nonfinite": train_state["nonfinite"] + (~finite).astype(jnp.int32),
